@@ -1,0 +1,166 @@
+"""Checkpoint files: atomic writes, safe loads, discovery, keep-last-N cleanup.
+
+The training core (training_utils.py) decides *what* goes into a checkpoint and *when*; this
+module owns *how* files are written, found and read. Contract (docs/checkpoints.md):
+
+  {prefix}_step_{N}.pt   every checkpoint_freq steps, newest keep_last_n kept
+  {prefix}_best.pt       lowest validation loss so far      (never cleaned up)
+  {prefix}.pt            end of training                    (never cleaned up)
+  config.json, training_state.json                          (plain JSON sidecars)
+
+Every load is `torch.load(..., weights_only=True)`: a file can hold tensors and plain Python
+values only, so a checkpoint from an untrusted source cannot run code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+
+import torch
+
+from omni.config import UserError
+
+FORMAT_VERSION = 1
+TRAINING_STATE = "training_state.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, unreadable or unsafe."""
+
+
+def atomic_write(path: str, write) -> None:
+    """Write a file so that a crash at any instant leaves either the old file or the new one.
+
+    `write(f)` fills a temporary file in the same folder; it is flushed and fsynced, then renamed
+    over `path` (rename is atomic within one filesystem), and the folder entry is fsynced.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save(path: str, payload: dict) -> None:
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def write_json(path: str, data) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def remove_stale_temps(folder: str) -> None:
+    """Delete temporary files left by a save that was killed before its rename."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.unlink(os.path.join(folder, name))
+
+
+def load(path: str, map_location="cpu"):
+    """Load a checkpoint safely; CheckpointError says why a file cannot be used."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only" in reason.lower() or "unsupported global" in str(e).lower():
+            reason = "refused: it holds Python objects that could run code (only tensors and plain values load)"
+        raise CheckpointError(f"{path}: {reason}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, IndexError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: unreadable (truncated or corrupt): {first}") from None
+
+
+def step_path(save_dir: str, prefix: str, step: int) -> str:
+    return os.path.join(save_dir, f"{prefix}_step_{step}.pt")
+
+
+def best_path(save_dir: str, prefix: str) -> str:
+    return os.path.join(save_dir, f"{prefix}_best.pt")
+
+
+def final_path(save_dir: str, prefix: str) -> str:
+    return os.path.join(save_dir, f"{prefix}.pt")
+
+
+def step_files(save_dir: str, prefix: str) -> list[tuple[int, str]]:
+    """(step, path) of every step checkpoint, oldest first."""
+    pattern = re.compile(rf"^{re.escape(prefix)}_step_(\d+)\.pt$")
+    if not os.path.isdir(save_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(save_dir, name))
+             for name in os.listdir(save_dir) if (m := pattern.match(name))]
+    return sorted(found)
+
+
+def keep_last(save_dir: str, prefix: str, n: int) -> list[str]:
+    """Delete all but the newest n step checkpoints (best and final never match); return the removed."""
+    removed = [path for _, path in step_files(save_dir, prefix)[:-n]]
+    for path in removed:
+        os.unlink(path)
+    return removed
+
+
+def kind_of(obj) -> str:
+    """'full' (resumable), 'weights' (weights + metadata), or 'legacy' (a bare state_dict)."""
+    if isinstance(obj, dict) and "format_version" in obj:
+        return "full" if "optimizer" in obj else "weights"
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return "legacy"
+    raise CheckpointError("not a checkpoint of this suite: expected a dictionary of weights")
+
+
+def weights_of(obj, weight_keys: list[str], source: str) -> dict[str, dict]:
+    """The state_dict of every weight key, from a full, weights-only or legacy checkpoint.
+
+    A legacy bare state_dict belongs to a single-module stage, or carries '<key>.' prefixes.
+    """
+    kind = kind_of(obj)
+    if kind != "legacy":
+        missing = [k for k in weight_keys if k not in obj]
+        if missing:
+            raise CheckpointError(f"{source}: missing weight key(s) {missing}; has {sorted(obj)}")
+        return {k: obj[k] for k in weight_keys}
+    if len(weight_keys) == 1:
+        return {weight_keys[0]: obj}
+    split = {k: {n[len(k) + 1:]: t for n, t in obj.items() if n.startswith(k + ".")} for k in weight_keys}
+    empty = [k for k, sd in split.items() if not sd]
+    if empty:
+        raise CheckpointError(f"{source}: legacy state_dict has no '<key>.' entries for {empty}")
+    return split
+
+
+def for_inference(save_dir: str, prefix: str) -> str | None:
+    """The checkpoint to use for inference: best, else final, else the newest step file."""
+    for path in (best_path(save_dir, prefix), final_path(save_dir, prefix)):
+        if os.path.isfile(path):
+            return path
+    steps = step_files(save_dir, prefix)
+    return steps[-1][1] if steps else None
+
+
+def read_training_state(save_dir: str) -> dict:
+    path = os.path.join(save_dir, TRAINING_STATE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,149 @@
+"""Typed configuration from JSON, with `--set key=value` overrides.
+
+Each stage declares a dataclass that extends `TrainConfig` with its own keys. A config file is a
+flat JSON object; keys starting with "_" are comments. Every value is type-checked against the
+dataclass annotations, so a typo or a wrong type stops the program with one line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad key, missing file, ...): printed as one line, exit status 2."""
+
+
+def choice(default: str, *options: str):
+    """A string field limited to `options` (default first)."""
+    return field(default=default, metadata={"choices": (default,) + options})
+
+
+def positive(default):
+    return field(default=default, metadata={"min": 1})
+
+
+def non_negative(default):
+    return field(default=default, metadata={"min": 0})
+
+
+@dataclass
+class TrainConfig:
+    """Keys every stage shares. Stages subclass this and add their model and data keys."""
+    seed: int = 0
+    device: str = choice("auto", "cpu", "cuda")
+    amp: str = choice("off", "bf16", "fp16")
+    batch_size: int = positive(16)
+    grad_accum_steps: int = positive(1)
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio at max_steps
+    weight_decay: float = 0.01
+    warmup_steps: int = non_negative(100)
+    max_steps: int = positive(1000)
+    grad_clip: float = 1.0             # 0 turns clipping off
+    eval_interval: int = positive(100)
+    eval_batches: int = non_negative(0)   # 0 = the whole validation set
+    checkpoint_freq: int = positive(100)
+    keep_last_n: int = positive(3)
+    log_interval: int = positive(10)
+    save_dir: str = "checkpoints/run"
+    num_workers: int = non_negative(0)
+    strict_data: bool = False          # a bad sample is an error instead of being skipped
+    demo_dir: str = ""                 # data files missing under this folder -> build the demo world
+    demo_size: str = choice("small", "tiny", "medium")
+    progress: bool = True              # tqdm bar (only on a terminal)
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(key: str, value, tp, f: dataclasses.Field):
+    """Return `value` converted to `tp`, or raise UserError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item_tp, f) for i, v in enumerate(value)]
+    ok = (isinstance(value, tp) and not (tp is int and isinstance(value, bool))) or (
+        tp is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise UserError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    value = float(value) if tp is float else value
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"config key '{key}': must be one of {', '.join(choices)}, got {value!r}")
+    low = f.metadata.get("min")
+    if low is not None and value < low:
+        raise UserError(f"config key '{key}': must be at least {low}, got {value!r}")
+    return value
+
+
+def _fields(cls) -> dict[str, tuple[dataclasses.Field, type]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def parse_override(text: str, cls) -> tuple[str, object]:
+    """Parse one `key=value` from --set. The value is JSON, or plain text for string keys."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {text!r}: expected key=value")
+    known = _fields(cls)
+    if key not in known:
+        raise UserError(f"--set: unknown config key '{key}' for {cls.__name__}")
+    tp = known[key][1]
+    if tp is str and not raw.startswith('"'):
+        return key, raw
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        raise UserError(f"--set {key}: cannot read {raw!r} as {_type_name(tp)}") from None
+
+
+def build_config(cls, values: dict, source: str = "config"):
+    """Type-check a dict of values into an instance of the dataclass `cls`."""
+    known = _fields(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key.startswith("_"):
+            continue
+        if key not in known:
+            raise UserError(f"{source}: unknown config key '{key}' for {cls.__name__}")
+        f, tp = known[key]
+        kwargs[key] = _check_value(key, value, tp, f)
+    return cls(**kwargs)
+
+
+def read_json(path: str, what: str = "config") -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object of config keys")
+    return data
+
+
+def load_config(cls, path: str | None, overrides: typing.Sequence[str] = ()):
+    """Config of type `cls` from a JSON file (or the defaults), then `--set` overrides on top."""
+    values = read_json(path) if path else {}
+    for text in overrides:
+        key, value = parse_override(text, cls)
+        values[key] = value
+    return build_config(cls, values, source=path or "config")
+
+
+def config_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

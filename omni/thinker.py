@@ -1,0 +1,74 @@
+"""The Thinker: a decoder-only language model over token ids or ready-made embeddings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from omni.layers import KVCache, Transformer, sample_next
+
+
+@dataclass
+class ThinkerArch:
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_hidden: int = 0        # 0: about 8/3 * d_model
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "ThinkerArch":
+        """The architecture keys of a stage config (an object or a dict from config.json)."""
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
+        return cls(**{k: get(k, v) for k, v in cls().__dict__.items()})
+
+
+class Thinker(nn.Module):
+    def __init__(self, arch: ThinkerArch):
+        super().__init__()
+        self.arch = arch
+        self.embed = nn.Embedding(arch.vocab_size, arch.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.body = Transformer(arch.d_model, arch.n_layers, arch.n_heads, arch.n_kv_heads,
+                                arch.ffn_hidden or None, causal=True, max_len=arch.max_seq_len,
+                                dropout=arch.dropout, rope_theta=arch.rope_theta)
+        # Tied output head: fewer parameters, and it trains faster on small data.
+        self.head = nn.Linear(arch.d_model, arch.vocab_size, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids=None, embeds=None, cache: KVCache | None = None, return_hidden: bool = False):
+        """Logits [B, T, V] for token ids [B, T] or embeddings [B, T, D] (exactly one of them)."""
+        if (ids is None) == (embeds is None):
+            raise ValueError("pass exactly one of ids or embeds")
+        x = self.embed(ids) if embeds is None else embeds
+        hidden = self.body(x, cache=cache)
+        logits = self.head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.arch.n_layers)
+
+    @torch.no_grad()
+    def generate(self, ids=None, embeds=None, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, eos_id: int | None = None, generator=None, use_cache: bool = True):
+        """Yield new token ids (a [B] tensor per step). Batch size 1 stops at eos_id.
+
+        The prompt is ids [B, T] or embeddings [B, T, D]. Without the cache, every step runs the
+        whole sequence again; it exists to check that the cache changes nothing.
+        """
+        cache = self.new_cache() if use_cache else None
+        x = self.embed(ids) if embeds is None else embeds
+        budget = self.arch.max_seq_len - x.shape[1]
+        for _ in range(min(max_new_tokens, budget)):
+            logits = self(embeds=x, cache=cache)[:, -1]
+            nxt = sample_next(logits, temperature, top_k, generator)
+            yield nxt
+            if eos_id is not None and nxt.numel() == 1 and nxt.item() == eos_id:
+                return
+            new = self.embed(nxt[:, None])
+            x = new if use_cache else torch.cat([x, new], dim=1)

@@ -1,0 +1,95 @@
+"""Shared fixtures: a tiny text corpus, tiny configs, and a way to run trainers as subprocesses."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long end-to-end runs (CI runs them too)")
+
+
+def write_corpus(folder: str, lines: int = 1500, seed: int = 0) -> tuple[str, str]:
+    """A small deterministic corpus of shape sentences: train.txt and val.txt."""
+    rng = random.Random(seed)
+    colours, shapes = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle"]
+    text = [f"a {rng.choice(['small', 'big'])} {rng.choice(colours)} {rng.choice(shapes)} is "
+            f"{rng.choice(['above', 'below', 'left of'])} a {rng.choice(colours)} {rng.choice(shapes)}"
+            for _ in range(lines)]
+    os.makedirs(folder, exist_ok=True)
+    train, val = os.path.join(folder, "train.txt"), os.path.join(folder, "val.txt")
+    with open(train, "w") as f:
+        f.write("\n".join(text[: lines * 9 // 10]) + "\n")
+    with open(val, "w") as f:
+        f.write("\n".join(text[lines * 9 // 10:]) + "\n")
+    return train, val
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    return write_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+def thinker_config(corpus, save_dir, **overrides) -> dict:
+    train, val = corpus
+    cfg = {"seed": 3, "train_files": [train], "val_file": val, "save_dir": str(save_dir),
+           "vocab_size": 96, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
+           "max_seq_len": 64, "seq_len": 16, "dropout": 0.1, "batch_size": 4, "lr": 3e-3,
+           "warmup_steps": 2, "max_steps": 12, "eval_interval": 4, "checkpoint_freq": 3,
+           "keep_last_n": 10, "log_interval": 1, "eval_batches": 2, "progress": False}
+    cfg.update(overrides)
+    return cfg
+
+
+def write_config(path, cfg: dict) -> str:
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return str(path)
+
+
+def run_script(script: str, *args: str, env: dict | None = None, runner: bool = False, check: bool = False):
+    """Run a repository script (through tests/stage_runner.py when runner=True) and capture output."""
+    cmd = [sys.executable] + (["tests/stage_runner.py"] if runner else []) + [script, *args]
+    full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def load_pt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict, keys):
+    """Weights and optimizer state of two checkpoints are bit-identical."""
+    for key in keys:
+        flat_a, flat_b = flatten(a[key]), flatten(b[key])
+        assert flat_a.keys() == flat_b.keys(), key
+        for name in flat_a:
+            va, vb = flat_a[name], flat_b[name]
+            if isinstance(va, torch.Tensor):
+                assert torch.equal(va, vb), f"{key}.{name} differs"
+            else:
+                assert va == vb, f"{key}.{name}: {va!r} != {vb!r}"
+
+
+def flatten(obj, prefix=""):
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(obj, (list, tuple)):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix: obj}
