@@ -42,7 +42,8 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding; `length` = tokens seen so far."""
+    """Keys and values of every layer for incremental decoding; `length` = positions cached so far
+    (read it before a forward pass: layer 0 extends the cache before layer 1 runs)."""
 
     def __init__(self, n_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * n_layers
@@ -71,11 +72,12 @@ class Attention(nn.Module):
         self.out = nn.Linear(n_heads * self.head_dim, dim, bias=False)
         self.dropout = dropout
 
-    def forward(self, x, rope, causal: bool, key_mask=None, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, rope, causal: bool, key_mask=None, cache: KVCache | None = None, layer: int = 0,
+                start: int = 0):
+        """x [B, T, D] holds positions start..start+T-1; the cache holds the `start` before them."""
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        start = cache.length if cache is not None else 0
         if rope is not None:
             cos, sin = rope[0][start:start + T], rope[1][start:start + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -113,8 +115,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, ffn_hidden)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, rope, causal, key_mask, cache, layer):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, causal, key_mask, cache, layer))
+    def forward(self, x, rope, causal, key_mask, cache, layer, start):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, causal, key_mask, cache, layer, start))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -148,7 +150,7 @@ class Transformer(nn.Module):
         rope = (self.rope_cos, self.rope_sin) if self.rope else None
         key_mask = None if pad_mask is None else pad_mask[:, None, None, :]
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, self.causal, key_mask, cache, i)
+            x = block(x, rope, self.causal, key_mask, cache, i, start)
         return self.norm(x)
 
 

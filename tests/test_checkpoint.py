@@ -1,0 +1,163 @@
+"""The checkpoint contract: atomic saves, safe loads, fallback past bad files, cleanup, formats."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import load_pt, run_script, thinker_config, write_config
+from omni import checkpoint as ckpt
+from omni.config import build_config
+from omni.data.text import TokenWindows
+from omni.runtime import Runtime
+from omni.stages.text import TextConfig, TextStage
+from omni.training_utils import ResumeOptions, build_trainer, find_resume_checkpoint, train
+
+
+def text_cfg(corpus, save_dir, **kw):
+    return build_config(TextConfig, thinker_config(corpus, save_dir, **kw))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
+    """A finished 12-step run with step checkpoints every 2 steps."""
+    save_dir = tmp_path_factory.mktemp("trained")
+    cfg = text_cfg(corpus, save_dir, checkpoint_freq=2, keep_last_n=3)
+    assert train(TextStage, cfg) == 0
+    return cfg
+
+
+def test_keep_last_n_leaves_n_step_files_plus_best_and_final(trained):
+    names = sorted(n for n in os.listdir(trained.save_dir) if n.endswith(".pt"))
+    assert names == ["thinker.pt", "thinker_best.pt", "thinker_step_10.pt", "thinker_step_12.pt", "thinker_step_8.pt"]
+    state = json.load(open(os.path.join(trained.save_dir, "training_state.json")))
+    assert state["step"] == 12 and state["finished"] is True
+    full = load_pt(os.path.join(trained.save_dir, "thinker.pt"))
+    assert {"model", "optimizer", "scheduler", "step", "best_val_loss", "rng", "data_state", "config",
+            "format_version"} <= set(full)
+    assert "scaler" not in full            # only with fp16 AMP
+    assert full["data_state"]["batches"] == 12 and full["config"]["d_model"] == 32
+
+
+def test_failed_writer_leaves_previous_file_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "x.pt")
+    ckpt.save(path, {"w": torch.arange(5)})
+
+    def broken_save(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ckpt.save(path, {"w": torch.zeros(5)})
+    assert torch.equal(ckpt.load(path)["w"], torch.arange(5))
+    assert os.listdir(tmp_path) == ["x.pt"]       # no temp file left behind
+
+
+def copy_run(trained, tmp_path):
+    import shutil
+    dst = tmp_path / "run"
+    shutil.copytree(trained.save_dir, dst)
+    os.unlink(dst / "thinker.pt")                 # resume from step files, not the final file
+    return str(dst)
+
+
+def test_truncated_and_garbage_newest_fall_back_with_warning(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    with open(os.path.join(run, "thinker_step_12.pt"), "r+b") as f:
+        f.truncate(1000)
+    with open(os.path.join(run, "thinker_step_10.pt"), "wb") as f:
+        f.write(os.urandom(3000))
+    path, obj = find_resume_checkpoint(run, "thinker", None, Runtime(torch.device("cpu")))
+    assert path.endswith("thinker_step_8.pt") and obj["step"] == 8
+    out = capsys.readouterr().out
+    assert "skipping" in out and "thinker_step_12.pt" in out and "thinker_step_10.pt" in out
+
+
+def test_no_loadable_checkpoint_left_is_a_clear_error(trained, tmp_path, corpus):
+    run = copy_run(trained, tmp_path)
+    for name in os.listdir(run):
+        if "_step_" in name:
+            with open(os.path.join(run, name), "wb") as f:
+                f.write(b"garbage")
+    cfg = write_config(tmp_path / "c.json", thinker_config(corpus, run))
+    proc = run_script("train_text.py", "--config", cfg)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no loadable checkpoint in") and "--no-resume" in last
+    assert "Traceback" not in proc.stderr
+
+
+class Exploit:
+    def __reduce__(self):
+        return (open, (EXPLOIT_MARKER, "w"))
+
+
+EXPLOIT_MARKER = ""
+
+
+def test_pickle_that_runs_code_is_refused_and_never_runs(trained, tmp_path, capsys):
+    global EXPLOIT_MARKER
+    EXPLOIT_MARKER = str(tmp_path / "pwned")
+    run = copy_run(trained, tmp_path)
+    torch.save({"model": Exploit(), "format_version": 1}, os.path.join(run, "thinker_step_99.pt"))
+    with pytest.raises(ckpt.CheckpointError, match="refused"):
+        ckpt.load(os.path.join(run, "thinker_step_99.pt"))
+    path, _ = find_resume_checkpoint(run, "thinker", None, Runtime(torch.device("cpu")))
+    assert path.endswith("thinker_step_12.pt")
+    assert "refused" in capsys.readouterr().out
+    assert not os.path.exists(EXPLOIT_MARKER)
+
+
+def test_init_from_loads_any_format_with_fresh_optimizer(trained, tmp_path, corpus):
+    final = load_pt(os.path.join(trained.save_dir, "thinker.pt"))
+    formats = {"full": final, "weights": {k: final[k] for k in ("model", "step", "config", "format_version")},
+               "legacy": final["model"]}
+    for name, obj in formats.items():
+        path = str(tmp_path / f"{name}.pt")
+        torch.save(obj, path)
+        assert ckpt.kind_of(load_pt(path)) == name
+        cfg = text_cfg(corpus, tmp_path / f"init_{name}")
+        trainer = build_trainer(TextStage(cfg, Runtime(torch.device("cpu"))), ResumeOptions(init_from=path))
+        assert trainer.step == 0 and not trainer.optimizer.state
+        for k, v in trainer.stage.modules["model"].state_dict().items():
+            assert torch.equal(v, final["model"][k]), (name, k)
+
+
+def test_init_from_with_wrong_shapes_names_the_key(trained, tmp_path, corpus):
+    cfg = text_cfg(corpus, tmp_path / "wide", d_model=48)
+    with pytest.raises(ckpt.CheckpointError, match="weights 'model' do not fit"):
+        build_trainer(TextStage(cfg, Runtime(torch.device("cpu"))),
+                      ResumeOptions(init_from=os.path.join(trained.save_dir, "thinker.pt")))
+
+
+def test_legacy_state_dict_splits_by_key_prefix():
+    flat = {"enc.w": torch.ones(2), "head.b": torch.zeros(1)}
+    parts = ckpt.weights_of(flat, ["enc", "head"], "x")
+    assert set(parts["enc"]) == {"w"} and set(parts["head"]) == {"b"}
+    with pytest.raises(ckpt.CheckpointError, match="missing weight key"):
+        ckpt.weights_of({"format_version": 1, "enc": {}}, ["enc", "head"], "x")
+
+
+def test_resume_cost_does_not_grow_with_the_step(trained, tmp_path, corpus, monkeypatch):
+    """Resuming at step 10*S loads no more samples than resuming at step S."""
+    import shutil
+    loads = []
+    real = TokenWindows.__getitem__
+
+    def counting(self, key):
+        if self.seed is not None:          # the training windows, not validation
+            loads.append(key)
+        return real(self, key)
+    monkeypatch.setattr(TokenWindows, "__getitem__", counting)
+    s = 1
+    run = tmp_path / "long"
+    assert train(TextStage, text_cfg(corpus, run, max_steps=10 * s, checkpoint_freq=s, eval_interval=100)) == 0
+    counts = {}
+    for start in (s, 10 * s):
+        shutil.rmtree(tmp_path / "r", ignore_errors=True)
+        shutil.copytree(run, tmp_path / "r")
+        loads.clear()
+        cfg = text_cfg(corpus, tmp_path / "r", max_steps=start + 2, eval_interval=100)
+        assert train(TextStage, cfg, ResumeOptions(resume_step=start)) == 0
+        counts[start] = len(loads)
+    assert counts[10 * s] <= counts[s] == 2 * cfg.batch_size

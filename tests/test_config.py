@@ -1,0 +1,71 @@
+"""Bad config input ends with one line naming the key or file, and exit status 2."""
+import json
+
+import pytest
+
+from conftest import run_script, thinker_config, write_config
+from omni.config import TrainConfig, UserError, load_config
+from omni.stages.text import TextConfig, TextStage
+from omni.training_utils import one_line, trainer_main
+
+
+def run_main(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        trainer_main(TextStage, list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    return exit_info.value.code, err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--set", "bogus_key=1"], "bogus_key"),
+    (["--set", "lr=fast"], "lr"),
+    (["--set", "batch_size=2.5"], "batch_size"),
+    (["--set", "batch_size=0"], "batch_size"),
+    (["--set", "amp=fp8"], "amp"),
+    (["--set", "train_files=notalist.txt"], "train_files"),
+    (["--set", "dropout"], "dropout"),
+    (["--config", "no/such/config.json"], "no/such/config.json"),
+    (["--set", "train_files=[\"no/such/corpus.txt\"]", "--set", "demo_dir="], "no/such/corpus.txt"),
+])
+def test_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, named):
+    code, err = run_main(capsys, "--set", f"save_dir={tmp_path}", *argv)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+
+
+def test_bad_json_and_unknown_key_in_file(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"lr": 0.1,\n "seed": }')
+    code, err = run_main(capsys, "--config", str(bad))
+    assert code == 2 and str(bad) in err[0] and "line 2" in err[0]
+    bad.write_text(json.dumps({"learning_rate": 0.1}))
+    code, err = run_main(capsys, "--config", str(bad))
+    assert code == 2 and "learning_rate" in err[0] and str(bad) in err[0]
+
+
+def test_missing_data_file_names_the_key(capsys, tmp_path, corpus):
+    cfg = thinker_config(corpus, tmp_path / "run", val_file=str(tmp_path / "missing_val.txt"))
+    code, err = run_main(capsys, "--config", write_config(tmp_path / "c.json", cfg))
+    assert code == 2 and "'val_file'" in err[0] and "missing_val.txt" in err[0]
+
+
+def test_overrides_are_typed_and_comments_ignored(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"_comment": "ignored", "lr": 1, "train_files": ["a.txt"]}))
+    cfg = load_config(TextConfig, str(path), ["max_steps=7", "save_dir=out/x", "grad_clip=0", "strict_data=true"])
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.max_steps == 7
+    assert cfg.save_dir == "out/x" and cfg.strict_data is True and cfg.train_files == ["a.txt"]
+    with pytest.raises(UserError, match="strict_data"):
+        load_config(TrainConfig, None, ["strict_data=1"])
+
+
+def test_real_command_line_prints_no_traceback():
+    proc = run_script("train_text.py", "--set", "lr=abc")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --set lr: cannot read 'abc' as float"
+
+
+def test_one_line_unwraps_errors_from_dataloader_workers():
+    wrapped = UserError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1\nomni.data.common.DataError: a.wav line 3: bad WAV")
+    assert one_line(wrapped) == "a.wav line 3: bad WAV"
