@@ -1,0 +1,95 @@
+"""Audio: read with soundfile, resample and log-mel with torchaudio, SpecAugment, and the
+audio-text dataset (ASR and TTS manifests)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import soundfile as sf
+import torch
+import torchaudio
+
+from omni.data.manifest import ManifestDataset, SampleError
+
+
+@dataclass(frozen=True)
+class MelSpec:
+    """Log-mel settings shared by the audio encoder and the speech codec: 16 kHz, 100 frames/s."""
+    sample_rate: int = 16000
+    n_fft: int = 400
+    hop: int = 160
+    n_mels: int = 80
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop
+
+
+class LogMel(torch.nn.Module):
+    """Waveform [N] or [B, N] -> log-mel frames [..., T, n_mels]."""
+
+    def __init__(self, spec: MelSpec = MelSpec()):
+        super().__init__()
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=spec.sample_rate, n_fft=spec.n_fft, hop_length=spec.hop, n_mels=spec.n_mels,
+            power=2.0, norm="slaney", mel_scale="slaney")
+
+    def forward(self, wave):
+        return torch.log(self.mel(wave) + 1e-5).transpose(-1, -2)
+
+
+def read_audio(path: str, sample_rate: int) -> torch.Tensor:
+    """Mono float waveform at sample_rate; SampleError if it cannot be used."""
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)
+    except sf.LibsndfileError as e:
+        raise SampleError(f"{path}: unreadable audio ({e.error_string})") from None
+    wave = torch.from_numpy(data).mean(dim=1)
+    if wave.numel() == 0 or not torch.isfinite(wave).all():
+        raise SampleError(f"{path}: empty or invalid audio")
+    if rate != sample_rate:
+        wave = torchaudio.functional.resample(wave, rate, sample_rate)
+    return wave
+
+
+def audio_frames(path: str, spec: MelSpec) -> int:
+    """Mel frames of a file from its header alone (for length-bucketed batching); 0 if unreadable."""
+    try:
+        info = sf.info(path)
+    except (sf.LibsndfileError, RuntimeError, OSError):
+        return 0
+    return int(info.frames * spec.sample_rate / info.samplerate) // spec.hop + 1
+
+
+def spec_augment(mel: torch.Tensor, generator: torch.Generator, time_masks: int = 2, time_width: int = 20,
+                 freq_masks: int = 2, freq_width: int = 10) -> torch.Tensor:
+    """Zero random time and frequency bands of mel [T, F] (SpecAugment), drawn from generator."""
+    mel = mel.clone()
+    fill = mel.mean()
+    for count, width, axis in ((time_masks, time_width, 0), (freq_masks, freq_width, 1)):
+        size = mel.shape[axis]
+        for _ in range(count):
+            w = int(torch.randint(0, min(width, size // 4) + 1, (), generator=generator))
+            start = int(torch.randint(0, size - w + 1, (), generator=generator))
+            mel.narrow(axis, start, w).fill_(fill)
+    return mel
+
+
+class AudioTextDataset(ManifestDataset):
+    """{"mel": [T, n_mels], "text": str, "wave_len": samples} per record of an audio-text manifest."""
+
+    def __init__(self, records, spec: MelSpec = MelSpec(), max_seconds: float = 30.0, **kw):
+        super().__init__(records, **kw)
+        self.spec, self.max_seconds = spec, max_seconds
+        self.logmel = LogMel(spec)
+
+    def lengths(self) -> list[int]:
+        return [audio_frames(r["audio"], self.spec) for r in self.records]
+
+    def load(self, record, generator):
+        text = str(record["text"]).strip()
+        if not text:
+            raise SampleError("empty text")
+        wave = read_audio(record["audio"], self.spec.sample_rate)
+        if wave.numel() > self.max_seconds * self.spec.sample_rate:
+            raise SampleError(f"{record['audio']}: longer than max_seconds {self.max_seconds}")
+        return {"mel": self.logmel(wave), "text": text, "wave_len": wave.numel()}

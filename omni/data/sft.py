@@ -1,0 +1,43 @@
+"""SFT conversations, optionally with an image or a spoken question."""
+from __future__ import annotations
+
+from omni.data.audio import LogMel, MelSpec, read_audio
+from omni.data.image import read_image
+from omni.data.manifest import ManifestDataset, SampleError, read_manifest
+
+ROLES = ("user", "assistant")
+
+
+def read_sft_manifest(path: str) -> list[dict]:
+    return read_manifest(path, ["conversation"], optional=("image", "audio", "kind", "transcript"))
+
+
+def check_conversation(conversation) -> list[dict]:
+    """The turns, validated: a non-empty list of {"role": user|assistant, "content": str} ending
+    with an assistant answer."""
+    if not isinstance(conversation, list) or not conversation:
+        raise SampleError("conversation must be a non-empty list of turns")
+    for turn in conversation:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise SampleError(f"bad turn {turn!r}: expected role user|assistant and content text")
+    if conversation[-1]["role"] != "assistant" or not conversation[-1]["content"].strip():
+        raise SampleError("conversation must end with a non-empty assistant answer")
+    return conversation
+
+
+class SFTDataset(ManifestDataset):
+    """{"conversation", "kind", "image": [3,S,S] or None, "mel": [T, n_mels] or None}."""
+
+    def __init__(self, records, image_size: int = 64, spec: MelSpec = MelSpec(), **kw):
+        super().__init__(records, **kw)
+        self.image_size, self.spec = image_size, spec
+        self.logmel = LogMel(spec)
+
+    def load(self, record, generator):
+        sample = {"conversation": check_conversation(record["conversation"]),
+                  "kind": record.get("kind", "text"), "image": None, "mel": None}
+        if "image" in record:
+            sample["image"] = read_image(record["image"], self.image_size)
+        if "audio" in record:
+            sample["mel"] = self.logmel(read_audio(record["audio"], self.spec.sample_rate))
+        return sample
