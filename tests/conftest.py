@@ -93,3 +93,12 @@ def flatten(obj, prefix=""):
             out.update(flatten(v, f"{prefix}{i}."))
         return out
     return {prefix: obj}
+
+
+@pytest.fixture(scope="session")
+def demo_tiny(tmp_path_factory):
+    """A tiny demo world (about 10 s to build), shared by every test of the session."""
+    from omni.data.demo import build_demo_world
+    out = tmp_path_factory.mktemp("demo") / "world"
+    build_demo_world(out, size="tiny", seed=0, progress=False)
+    return str(out)
