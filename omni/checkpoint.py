@@ -26,6 +26,10 @@ from omni.config import UserError
 
 FORMAT_VERSION = 1
 TRAINING_STATE = "training_state.json"
+EXPORT_FILE = "model.safetensors"
+# Entries of a checkpoint dictionary that are not weights.
+NON_WEIGHT_KEYS = {"optimizer", "scheduler", "scaler", "step", "best_val_loss", "rng", "data_state",
+                   "config", "format_version"}
 
 
 class CheckpointError(UserError):
@@ -132,7 +136,8 @@ def kind_of(obj) -> str:
 def weights_of(obj, weight_keys: list[str], source: str) -> dict[str, dict]:
     """The state_dict of every weight key, from a full, weights-only or legacy checkpoint.
 
-    A legacy bare state_dict belongs to a single-module stage, or carries '<key>.' prefixes.
+    A flat state_dict (legacy, or an export's tensors) carries '<key>.' prefixes on its names, or
+    belongs as a whole to a single-module stage.
     """
     kind = kind_of(obj)
     if kind != "legacy":
@@ -140,13 +145,13 @@ def weights_of(obj, weight_keys: list[str], source: str) -> dict[str, dict]:
         if missing:
             raise CheckpointError(f"{source}: missing weight key(s) {missing}; has {sorted(obj)}")
         return {k: obj[k] for k in weight_keys}
+    split = {k: {n[len(k) + 1:]: t for n, t in obj.items() if n.startswith(k + ".")} for k in weight_keys}
+    if sum(len(sd) for sd in split.values()) == len(obj):      # every name carries a key prefix
+        return split
     if len(weight_keys) == 1:
         return {weight_keys[0]: obj}
-    split = {k: {n[len(k) + 1:]: t for n, t in obj.items() if n.startswith(k + ".")} for k in weight_keys}
     empty = [k for k, sd in split.items() if not sd]
-    if empty:
-        raise CheckpointError(f"{source}: legacy state_dict has no '<key>.' entries for {empty}")
-    return split
+    raise CheckpointError(f"{source}: state_dict has no '<key>.' entries for {empty or weight_keys}")
 
 
 def for_inference(save_dir: str, prefix: str) -> str | None:

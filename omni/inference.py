@@ -14,12 +14,17 @@ from omni.tokenizer import Tokenizer
 
 def load_component(ckpt_dir: str, prefix: str, weight_keys: list[str], make_command: str):
     """(weights by key, config dict, path) of a stage's inference checkpoint in ckpt_dir."""
-    path = ckpt.for_inference(ckpt_dir, prefix)
-    if path is None:
-        raise UserError(f"no {prefix} checkpoint in {ckpt_dir}: train one with `{make_command}`")
-    obj = ckpt.load(path)
-    weights = ckpt.weights_of(obj, weight_keys, path)
-    config = obj.get("config") if ckpt.kind_of(obj) != "legacy" else None
+    export = os.path.join(ckpt_dir, ckpt.EXPORT_FILE)
+    if os.path.isfile(export):
+        path, config = export, None
+        weights = ckpt.weights_of(read_export(export), weight_keys, export)
+    else:
+        path = ckpt.for_inference(ckpt_dir, prefix)
+        if path is None:
+            raise UserError(f"no {prefix} checkpoint in {ckpt_dir}: train one with `{make_command}`")
+        obj = ckpt.load(path)
+        weights = ckpt.weights_of(obj, weight_keys, path)
+        config = obj.get("config") if ckpt.kind_of(obj) != "legacy" else None
     if config is None:
         config_path = os.path.join(ckpt_dir, "config.json")
         if not os.path.isfile(config_path):
@@ -27,6 +32,26 @@ def load_component(ckpt_dir: str, prefix: str, weight_keys: list[str], make_comm
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
     return weights, config, path
+
+
+def read_export(path: str) -> dict:
+    """The tensors of an exported model.safetensors, tied names restored (no pickle involved)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise ckpt.CheckpointError(f"{path}: unreadable export: {e}") from None
+    tensors.update({alias: tensors[name] for alias, name in aliases.items()})
+    return tensors
+
+
+def resolve_dir(base: str, path: str) -> str:
+    """A component folder named in a config: relative to the folder of that config when it exists
+    there (exports), else as given (relative to the working directory)."""
+    inside = os.path.join(base, path)
+    return inside if not os.path.isabs(path) and os.path.isdir(inside) else path
 
 
 def load_thinker(ckpt_dir: str, device) -> tuple[Thinker, Tokenizer]:
@@ -53,3 +78,11 @@ def generate_text(model: Thinker, tokenizer: Tokenizer, prompt: str, max_new_tok
         if text.startswith(shown):
             yield text[len(shown):]
             shown = text
+
+
+def load_omni_parts(thinker_dir: str, audio_enc_dir: str, vision_dir: str, device):
+    """(Thinker, tokenizer, audio encoder, vision encoder) from the folders of stages A, B, C."""
+    from omni.audio_enc import load_audio_encoder
+    from omni.vision import load_vision_encoder
+    thinker, tokenizer = load_thinker(thinker_dir, device)
+    return thinker, tokenizer, load_audio_encoder(audio_enc_dir, device), load_vision_encoder(vision_dir, device)

@@ -82,9 +82,12 @@ class Stage:
 
 
 def batch_size_of(batch) -> int:
+    """Samples in a batch: a tensor's first dimension, a dict's or tuple's first entry's, a list's length."""
     if isinstance(batch, torch.Tensor):
         return batch.shape[0]
-    return batch_size_of(next(iter(batch.values())) if isinstance(batch, dict) else batch[0])
+    if isinstance(batch, dict):
+        return batch_size_of(next(iter(batch.values())))
+    return batch_size_of(batch[0]) if isinstance(batch, tuple) else len(batch)
 
 
 def to_device(batch, device):

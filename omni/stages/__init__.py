@@ -1,0 +1,17 @@
+"""The five stages, by letter: script, module and class (imported only when needed)."""
+from __future__ import annotations
+
+import importlib
+
+STAGES = {
+    "A": ("train_text.py", "omni.stages.text", "TextStage"),
+    "B": ("train_audio_enc.py", "omni.stages.audio_enc", "AudioEncStage"),
+    "C": ("train_vision.py", "omni.stages.vision", "VisionStage"),
+    "D": ("train_talker.py", "omni.stages.talker", "TalkerStage"),
+    "E": ("sft_omni.py", "omni.stages.omni_sft", "OmniSFTStage"),
+}
+
+
+def stage_class(letter: str):
+    _, module, name = STAGES[letter]
+    return getattr(importlib.import_module(module), name)

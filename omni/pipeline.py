@@ -1,0 +1,148 @@
+"""Run the stages A -> E in order: `python -m omni.pipeline [configs/pipeline_demo.json]`.
+
+Builds the demo world when the config names one, then runs each stage's trainer as a subprocess
+with the same command line a user would type, so every stage resumes on its own. A stage whose
+final checkpoint exists with the same resolved config is skipped. A failing stage stops the run
+with its error; the earlier stages' outputs stay as they are. At the end: a table per stage
+(steps, wall time, final validation metrics, folder) and loss/metric curves as PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from omni import checkpoint as ckpt
+from omni.config import UserError, config_dict, load_config, read_json
+from omni.stages import STAGES, stage_class
+from omni.training_utils import run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join("configs", "pipeline_demo.json")
+
+
+@dataclass
+class StageRun:
+    letter: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    status: str = "pending"
+    seconds: float = 0.0
+    save_dir: str = ""
+    steps: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+def read_pipeline(path: str) -> tuple[dict, list[StageRun]]:
+    spec = read_json(path, "pipeline config")
+    runs = []
+    for i, entry in enumerate(spec.get("stages", [])):
+        letter = entry.get("stage")
+        if letter not in STAGES:
+            raise UserError(f"{path}: stages[{i}].stage must be one of {', '.join(STAGES)}, got {letter!r}")
+        if not os.path.isfile(entry.get("config", "")):
+            raise UserError(f"{path}: stages[{i}].config: file not found: {entry.get('config')}")
+        overrides = entry.get("set", [])
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise UserError(f"{path}: stages[{i}].set must be a list of \"key=value\" strings")
+        runs.append(StageRun(letter, entry["config"], overrides))
+    if not runs:
+        raise UserError(f"{path}: no stages listed")
+    return spec, runs
+
+
+def is_finished(run: StageRun, resolved: dict) -> bool:
+    """Final checkpoint present, training finished, and the same resolved config."""
+    prefix = stage_class(run.letter).prefix
+    state = ckpt.read_training_state(run.save_dir)
+    saved = os.path.join(run.save_dir, "config.json")
+    if not (os.path.isfile(ckpt.final_path(run.save_dir, prefix)) and state.get("finished") and os.path.isfile(saved)):
+        return False
+    with open(saved, encoding="utf-8") as f:
+        same = json.load(f) == resolved
+    if not same:
+        print(f"stage {run.letter}: the config differs from the finished run in {run.save_dir}; "
+              "its trainer decides (raise max_steps to train on, or use a new save_dir to start over)")
+    return same
+
+
+def last_val_metrics(save_dir: str) -> dict:
+    path = os.path.join(save_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        vals = [json.loads(line) for line in f if '"val"' in line]
+    return {k: v for k, v in vals[-1].items() if k not in ("step", "split")} if vals else {}
+
+
+def run_stage(run: StageRun, extra: list[str]) -> int:
+    cls = stage_class(run.letter)
+    overrides = run.overrides + extra
+    resolved = config_dict(load_config(cls.config_class, run.config, overrides))
+    run.save_dir = resolved["save_dir"]
+    if is_finished(run, resolved):
+        run.status = "skipped (finished)"
+    else:
+        script = STAGES[run.letter][0]
+        cmd = [sys.executable, os.path.join(ROOT, script), "--config", run.config]
+        for o in overrides:
+            cmd += ["--set", o]
+        print(f"\n=== stage {run.letter}: {' '.join(cmd[1:])}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.call(cmd)
+        run.seconds = time.perf_counter() - start
+        if code != 0:
+            run.status = f"failed (exit {code})"
+            return code
+        run.status = "trained"
+    run.steps = ckpt.read_training_state(run.save_dir).get("step", 0)
+    run.metrics = last_val_metrics(run.save_dir)
+    draw_curves(run.save_dir)
+    return 0
+
+
+def draw_curves(save_dir: str) -> None:
+    try:
+        from omni.plot import plot_run
+    except ImportError:      # matplotlib is optional
+        return
+    plot_run(save_dir)
+
+
+def table(runs: list[StageRun]) -> str:
+    rows = [("stage", "status", "steps", "wall time", "final validation", "checkpoints")]
+    for r in runs:
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in list(r.metrics.items())[:4] if isinstance(v, (int, float)))
+        rows.append((r.letter, r.status, str(r.steps), f"{r.seconds / 60:.1f} min" if r.seconds else "-",
+                     shown or "-", r.save_dir or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Run the training stages A-E in order.")
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="pipeline JSON")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key in every stage")
+    args = p.parse_args(argv)
+    spec, runs = read_pipeline(args.config)
+    if spec.get("demo_dir"):
+        from omni.data.demo import ensure_demo_world
+        ensure_demo_world(spec["demo_dir"], spec.get("demo_size", "small"))
+    code = 0
+    for run in runs:
+        code = run_stage(run, args.set)
+        if code:
+            print(f"\nstage {run.letter} failed; the earlier stages' outputs are kept. "
+                  "Fix the error and run the pipeline again: it resumes there.", file=sys.stderr)
+            break
+    print("\n" + table(runs))
+    return code
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,115 @@
+"""Stage E: multimodal SFT. The Thinker learns to answer about images and speech through projectors
+from the (frozen) encoders of stages B and C."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omni.config import TrainConfig
+from omni.data.common import require_files
+from omni.data.manifest import read_manifest
+from omni.data.sft import SFTDataset, read_sft_manifest
+from omni.inference import load_omni_parts
+from omni.omni_model import OmniModel, Projector
+from omni.training_utils import Stage
+
+ASR_PROMPT = "what did you hear?"          # auxiliary task: write down the speech
+CAPTION_PROMPT = "describe the picture"    # auxiliary task: caption the image
+QA_KINDS = ("image_qa", "speech_qa", "text")
+
+
+@dataclass
+class OmniSFTConfig(TrainConfig):
+    thinker_dir: str = "checkpoints/thinker_tiny"
+    audio_enc_dir: str = "checkpoints/audio_enc_tiny"
+    vision_dir: str = "checkpoints/vision_tiny"
+    train_manifest: str = "data/demo/sft_train.jsonl"
+    val_manifest: str = "data/demo/sft_val.jsonl"
+    test_manifest: str = "data/demo/sft_test.jsonl"   # reported separately ("" = none)
+    asr_manifest: str = ""          # optional auxiliary transcription task (audio, text)
+    caption_manifest: str = ""      # optional auxiliary captioning task (image, caption)
+    freeze_encoders: bool = True
+    freeze_thinker: bool = False
+    image_size: int = 64
+    qa_eval_limit: int = 0          # answers generated per split for accuracy; 0 = all
+    max_answer_tokens: int = 16
+
+
+def auxiliary_records(path: str, media: str, text: str, prompt: str, kind: str) -> list[dict]:
+    """Turn (media, text) manifest rows into single-turn conversations."""
+    return [{"_source": r["_source"], media: r[media], "kind": kind,
+             "conversation": [{"role": "user", "content": prompt}, {"role": "assistant", "content": r[text]}]}
+            for r in read_manifest(path, [media, text])]
+
+
+class OmniSFTStage(Stage):
+    prefix = "omni"
+    config_class = OmniSFTConfig
+    make_command = "python sft_omni.py --config configs/omni_sft_tiny.json"
+
+    def setup(self):
+        cfg, rt = self.cfg, self.rt
+        manifests = {"train_manifest": [cfg.train_manifest], "val_manifest": [cfg.val_manifest],
+                     "test_manifest": [cfg.test_manifest] if cfg.test_manifest else [],
+                     "asr_manifest": [cfg.asr_manifest] if cfg.asr_manifest else [],
+                     "caption_manifest": [cfg.caption_manifest] if cfg.caption_manifest else []}
+        require_files(cfg, manifests, rt)
+        parts = load_omni_parts(cfg.thinker_dir, cfg.audio_enc_dir, cfg.vision_dir, rt.device)
+        thinker, tokenizer, audio_enc, vision = parts
+        d = thinker.arch.d_model
+        self.model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d), Projector(vision.out_dim, d),
+                               audio_enc, vision)
+        self.modules = {"thinker": thinker, "proj_a": self.model.proj_a, "proj_v": self.model.proj_v}
+        for name, enc in (("audio_enc", audio_enc), ("vision", vision)):
+            enc.requires_grad_(not cfg.freeze_encoders)
+            if cfg.freeze_encoders:
+                enc.to(rt.device).eval()
+            else:
+                self.modules[name] = enc
+        thinker.requires_grad_(not cfg.freeze_thinker)
+
+        records = read_sft_manifest(cfg.train_manifest)
+        if cfg.asr_manifest:
+            records += auxiliary_records(cfg.asr_manifest, "audio", "text", ASR_PROMPT, "asr")
+        if cfg.caption_manifest:
+            records += auxiliary_records(cfg.caption_manifest, "image", "caption", CAPTION_PROMPT, "caption")
+        kw = {"image_size": cfg.image_size, "strict": cfg.strict_data, "seed": cfg.seed}
+        self.train_data = SFTDataset(records, **kw)
+        self.val_data = SFTDataset(read_sft_manifest(cfg.val_manifest), **kw)
+        self.test_data = SFTDataset(read_sft_manifest(cfg.test_manifest), **kw) if cfg.test_manifest else None
+
+    def collate(self, samples):
+        return samples        # sequences are built on the device, after the encoders run
+
+    def loss(self, batch):
+        loss, n = self.model.batch_loss(batch, grad_encoders=not self.cfg.freeze_encoders)
+        return loss, {"n_answer_tokens": n}
+
+    def evaluate(self):
+        metrics = {"val_loss": self.mean_loss(self.val_data)}
+        for split, data in (("val", self.val_data), ("test", self.test_data)):
+            if data is not None:
+                metrics.update({f"{split}_{k}": v for k, v in self.answer_accuracy(data).items()})
+        return metrics
+
+    def answer_accuracy(self, dataset) -> dict:
+        """Exact-match accuracy of greedy answers, per kind of question."""
+        correct = {k: 0.0 for k in QA_KINDS}
+        total = {k: 0.0 for k in QA_KINDS}
+        indices = list(range(len(dataset)))
+        if self.cfg.qa_eval_limit:
+            indices = indices[:self.cfg.qa_eval_limit]
+        for i in indices[self.rt.rank::self.rt.world_size]:
+            sample = dataset[(i, 0)]
+            if sample is None or sample["kind"] not in total or len(sample["conversation"]) != 2:
+                continue
+            question, expected = (t["content"] for t in sample["conversation"])
+            with self.rt.autocast():
+                ids = list(self.model.answer(question, sample["image"], sample["mel"], self.cfg.max_answer_tokens))
+            got = self.model.tok.decode(ids).strip()
+            correct[sample["kind"]] += float(got == expected.strip())
+            total[sample["kind"]] += 1
+        sums = self.rt.sum([correct[k] for k in QA_KINDS] + [total[k] for k in QA_KINDS])
+        n = len(QA_KINDS)
+        names = {"image_qa": "image_acc", "speech_qa": "speech_acc", "text": "text_acc"}
+        return {names[k]: sums[i] / sums[n + i] for i, k in enumerate(QA_KINDS) if sums[n + i]}
+
