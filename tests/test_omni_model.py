@@ -1,0 +1,75 @@
+"""Stage E's sequence building: where media go, and that only answer tokens are learned."""
+import pytest
+import torch
+import torch.nn as nn
+
+from omni.omni_model import IGNORE, OmniModel, Projector
+from omni.thinker import Thinker, ThinkerArch
+from omni.tokenizer import Tokenizer
+
+
+class FakeVision(nn.Module):
+    out_dim = 8
+
+    def forward(self, images):                       # 3 tokens per image
+        return images.flatten(1)[:, None, :8].repeat(1, 3, 1)
+
+
+class FakeAudio(nn.Module):
+    out_dim = 6
+
+    def forward(self, mel, mask):                    # 2x downsampling
+        return mel[:, ::2, :6], mask[:, ::2]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, corpus):
+    tok = Tokenizer.train([corpus[0]], str(tmp_path_factory.mktemp("tok") / "t.model"), 120)
+    torch.manual_seed(0)
+    thinker = Thinker(ThinkerArch(vocab_size=128, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64))
+    return OmniModel(thinker, tok, Projector(6, 16), Projector(8, 16), FakeAudio(), FakeVision())
+
+
+def conversation(q, a):
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def test_labels_cover_exactly_the_answer_and_its_end(model):
+    tok = model.tok
+    media = model.encode_media([torch.zeros(3, 4, 4)], [torch.zeros(7, 80)])[0]
+    assert media.image.shape == (3, 16) and media.audio.shape == (4, 16)
+    embeds, labels = model.training_sequence(conversation("what colour is the circle?", "red"), media)
+    question = tok.encode("what colour is the circle?")
+    answer = tok.encode("red") + [tok.eos_id]
+    # <s> <user> <img> 3 </img> <audio> 4 </audio> question <assistant> answer
+    prompt_len = 2 + 1 + 3 + 1 + 1 + 4 + 1 + len(question) + 1
+    assert embeds.shape == (prompt_len + len(answer), 16) and labels.shape == (embeds.shape[0],)
+    learned = (labels != IGNORE).nonzero().flatten().tolist()
+    assert learned == list(range(prompt_len - 1, prompt_len - 1 + len(answer)))
+    assert labels[labels != IGNORE].tolist() == answer
+    assert torch.equal(embeds[prompt_len - 1], model.thinker.embed.weight[tok.special["<assistant>"]])
+
+
+def test_loss_ignores_prompt_and_padding(model):
+    tok = model.tok
+    samples = [{"conversation": conversation("hi", "hello"), "image": None, "mel": None},
+               {"conversation": conversation("what shape is the blue one?", "square"),
+                "image": torch.randn(3, 4, 4), "mel": None}]
+    loss, n = model.batch_loss(samples)
+    assert n == len(tok.encode("hello")) + len(tok.encode("square")) + 2
+    loss.backward()
+    assert model.proj_v.net[0].weight.grad.abs().sum() > 0      # the image reaches the loss
+    assert model.proj_a.net[0].weight.grad is None               # no audio in this batch
+    # Padding after the short sample changes nothing: its loss alone equals its part of the batch.
+    alone, n_alone = model.batch_loss(samples[:1])
+    other, n_other = model.batch_loss(samples[1:])
+    assert torch.allclose(loss, (alone * n_alone + other * n_other) / (n_alone + n_other), atol=1e-5)
+
+
+def test_answer_generation_uses_the_same_prompt(model):
+    ids = list(model.answer("hi", max_new_tokens=5))
+    assert len(ids) <= 5 and model.tok.eos_id not in ids
+    media = model.encode_media([None], [None])[0]
+    full, _ = model.training_sequence(conversation("hi", "x"), media)
+    prompt = model.prompt_embeddings("hi", media)[0]
+    assert torch.equal(full[:prompt.shape[0]], prompt)
