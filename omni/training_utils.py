@@ -30,6 +30,7 @@ class Stage:
     """What one training stage supplies to the shared loop. Subclasses set the class attributes
     and fill `modules`, `train_data` and `val_data` in `setup()`."""
     prefix = "model"                 # checkpoint file prefix
+    weight_keys = ("model",)         # the keys of `modules` that inference needs
     config_class = TrainConfig
     make_command = ""                # the command that trains this stage (for error messages)
 
@@ -111,12 +112,21 @@ class SkipBadSamples:
         return (self.collate(good) if good else None), len(samples) - len(good)
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    # A SIGTERM sent to the whole process group (pkill, a scheduler pre-empting the job) or Ctrl-C
+    # must reach only the main process, which saves and exits; a worker killed by it would make the
+    # main process fail before it can save.
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_sampler, stage: Stage, workers: int | None = None) -> DataLoader:
     workers = stage.cfg.num_workers if workers is None else workers
     # A private generator: creating a loader must not draw from the global RNG, or a resumed run
     # (which creates its loader at another point) would diverge from an uninterrupted one.
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=SkipBadSamples(stage.collate),
                       num_workers=workers, pin_memory=stage.rt.device.type == "cuda",
+                      worker_init_fn=ignore_stop_signals if workers else None,
                       generator=torch.Generator().manual_seed(stage.cfg.seed))
 
 

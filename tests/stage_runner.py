@@ -5,8 +5,11 @@
 Environment variables (test-only; the trainers themselves have no such hooks):
   OMNI_TEST_KILL_AT_STEP=N     SIGKILL this process when step N is about to start
   OMNI_TEST_SIGTERM_AT_STEP=N  send SIGTERM to this process during step N
+  OMNI_TEST_SIGTERM_ALL=1      ... and to its DataLoader workers too, as `pkill -f` or a job
+                               scheduler signalling the whole process group would
   OMNI_TEST_KILL_IN_SAVE=N     SIGKILL this process halfway through writing the step-N checkpoint
 """
+import multiprocessing
 import os
 import runpy
 import signal
@@ -20,6 +23,7 @@ import omni.training_utils as tu  # noqa: E402
 
 KILL_AT = int(os.environ.get("OMNI_TEST_KILL_AT_STEP", "-1"))
 TERM_AT = int(os.environ.get("OMNI_TEST_SIGTERM_AT_STEP", "-1"))
+TERM_ALL = os.environ.get("OMNI_TEST_SIGTERM_ALL") == "1"
 KILL_IN_SAVE = int(os.environ.get("OMNI_TEST_KILL_IN_SAVE", "-1"))
 real_train_step, real_save = tu.train_step, ckpt.save
 
@@ -28,7 +32,9 @@ def train_step(trainer, batches):
     if trainer.step == KILL_AT:
         os.kill(os.getpid(), signal.SIGKILL)
     if trainer.step == TERM_AT:
-        os.kill(os.getpid(), signal.SIGTERM)   # handled at the end of this step
+        workers = multiprocessing.active_children() if TERM_ALL else []
+        for pid in [w.pid for w in workers] + [os.getpid()]:
+            os.kill(pid, signal.SIGTERM)       # handled at the end of this step
     return real_train_step(trainer, batches)
 
 

@@ -64,7 +64,9 @@ def spec_augment(mel: torch.Tensor, generator: torch.Generator, time_masks: int 
                  freq_masks: int = 2, freq_width: int = 10) -> torch.Tensor:
     """Zero random time and frequency bands of mel [T, F] (SpecAugment), drawn from generator."""
     mel = mel.clone()
-    fill = mel.mean()
+    # numpy's sum is single-threaded: torch's mean depends on the thread count, which differs
+    # between DataLoader workers and the main process, and resume must not depend on num_workers.
+    fill = float(mel.numpy().mean(dtype="float64"))
     for count, width, axis in ((time_masks, time_width, 0), (freq_masks, freq_width, 1)):
         size = mel.shape[axis]
         for _ in range(count):
