@@ -1,0 +1,176 @@
+"""The audio encoder (log-mel -> conv downsampling -> transformer) and its CTC speech recognizer.
+
+Public API used by later stages (SFT, Talker):
+  load_audio_encoder(ckpt_dir, device) -> AudioEncoder   forward(mel [B,T,n_mels], mask [B,T]) -> (hidden, mask')
+  load_asr(ckpt_dir, device) -> ASR                      transcribe(waves) -> list[str]
+
+CTC character set (index 0 is the CTC blank):
+  1 = space, 2 = apostrophe, 3..28 = a..z
+Text is normalised before training and scoring: lowercased, '-' and whitespace become single
+spaces, any other character outside the set is dropped.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from omni.data.audio import LogMel, MelSpec
+from omni.data.common import pad_stack
+from omni.layers import Transformer
+
+BLANK = 0
+CHARSET = " '" + "abcdefghijklmnopqrstuvwxyz"     # id = position + 1
+VOCAB_SIZE = len(CHARSET) + 1
+_CHAR_ID = {c: i + 1 for i, c in enumerate(CHARSET)}
+
+
+# ----------------------------------------------------------------------------- text <-> ids
+def normalize_text(text: str) -> str:
+    text = re.sub(r"[\s\-]+", " ", text.lower())
+    return " ".join("".join(c for c in text if c in _CHAR_ID).split())
+
+
+def text_to_ids(text: str) -> list[int]:
+    return [_CHAR_ID[c] for c in normalize_text(text)]
+
+
+def ids_to_text(ids) -> str:
+    return "".join(CHARSET[i - 1] for i in ids if 0 < i <= len(CHARSET))
+
+
+def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    """Best path of each sequence: argmax per frame, merge repeats, drop blanks.
+
+    log_probs [B, T, V] (or any scores), lengths [B] = valid frames of each sequence.
+    """
+    best = log_probs.argmax(dim=-1).cpu()
+    out = []
+    for seq, n in zip(best, lengths.tolist()):
+        seq = seq[:n]
+        keep = torch.ones_like(seq, dtype=torch.bool)
+        keep[1:] = seq[1:] != seq[:-1]
+        out.append([int(i) for i in seq[keep] if i != BLANK])
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class AudioEncArch:
+    n_mels: int = 80
+    d_model: int = 144
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_hidden: int = 0        # 0: about 8/3 * d_model
+    downsample: int = 4        # time reduction of the conv front end: 1, 2, 4, 8, ...
+    dropout: float = 0.1
+    max_positions: int = 4096  # rotary table length, in downsampled frames (164 s at 4x)
+
+    @classmethod
+    def from_config(cls, cfg) -> "AudioEncArch":
+        """The architecture keys of a stage config (an object or a dict from a checkpoint)."""
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
+        return cls(**{k: get(k, v) for k, v in cls().__dict__.items()})
+
+
+def masked_normalize(mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-utterance, per-band mean/variance normalisation over the real frames (padding -> 0).
+
+    Loudness and microphone colour then matter less, and a batch gives what each clip alone gives.
+    """
+    m = mask[..., None].to(mel.dtype)
+    n = m.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = (mel * m).sum(dim=1, keepdim=True) / n
+    var = ((mel - mean) ** 2 * m).sum(dim=1, keepdim=True) / n
+    return (mel - mean) * torch.rsqrt(var + 1e-5) * m
+
+
+def downsampled_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """Mask after `log2(factor)` stride-2 convolutions (kernel 3, padding 1): length -> ceil(L/2) each."""
+    lengths = mask.sum(dim=1)
+    steps = factor.bit_length() - 1
+    for _ in range(steps):
+        lengths = (lengths + 1) // 2
+    t_out = mask.shape[1]
+    for _ in range(steps):
+        t_out = (t_out + 1) // 2
+    return torch.arange(t_out, device=mask.device)[None, :] < lengths[:, None]
+
+
+class AudioEncoder(nn.Module):
+    """mel [B, T, n_mels] + mask [B, T] -> hidden [B, T', d_model] + mask' [B, T'] (T' = T / downsample)."""
+
+    def __init__(self, arch: AudioEncArch):
+        super().__init__()
+        f = arch.downsample
+        if f < 1 or f & (f - 1):
+            raise ValueError(f"downsample must be a power of two, got {f}")
+        self.arch, self.out_dim = arch, arch.d_model
+        convs, width = [], arch.n_mels
+        for _ in range(f.bit_length() - 1):
+            convs.append(nn.Conv1d(width, arch.d_model, kernel_size=3, stride=2, padding=1))
+            width = arch.d_model
+        self.convs = nn.ModuleList(convs)
+        self.inp = nn.Linear(width, arch.d_model)
+        self.body = Transformer(arch.d_model, arch.n_layers, arch.n_heads, ffn_hidden=arch.ffn_hidden or None,
+                                causal=False, rope=True, max_len=arch.max_positions, dropout=arch.dropout)
+
+    def forward(self, mel: torch.Tensor, mask: torch.Tensor):
+        x = masked_normalize(mel, mask)
+        for conv in self.convs:
+            # Zero the padding after every conv so a clip's frames do not depend on what pads it.
+            mask = downsampled_mask(mask, 2)
+            x = nn.functional.gelu(conv(x.transpose(1, 2))).transpose(1, 2) * mask[..., None].to(x.dtype)
+        return self.body(self.inp(x), pad_mask=mask), mask
+
+
+class ASR(nn.Module):
+    """Audio encoder + linear CTC head over the characters; greedy decoding."""
+
+    def __init__(self, arch: AudioEncArch, spec: MelSpec | None = None):
+        super().__init__()
+        self.spec = spec or MelSpec(n_mels=arch.n_mels)
+        self.enc = AudioEncoder(arch)
+        self.head = nn.Linear(arch.d_model, VOCAB_SIZE)
+        self.logmel = LogMel(self.spec)
+
+    def forward(self, mel, mask):
+        """CTC log-probabilities [B, T', V] (float32) and their mask [B, T']."""
+        hidden, mask = self.enc(mel, mask)
+        return torch.log_softmax(self.head(hidden).float(), dim=-1), mask
+
+    @torch.no_grad()
+    def transcribe(self, waves: list[torch.Tensor], batch_size: int = 16) -> list[str]:
+        """Greedy CTC transcripts of 1-D float waveforms at spec.sample_rate (16 kHz)."""
+        device = self.head.weight.device
+        out = []
+        for start in range(0, len(waves), batch_size):
+            mels = [self.logmel(w.float().to(device)) for w in waves[start:start + batch_size]]
+            mel, mask = pad_stack(mels)
+            log_probs, mask = self(mel.to(device), mask.to(device))
+            out += [ids_to_text(ids) for ids in ctc_greedy_decode(log_probs, mask.sum(dim=1))]
+        return out
+
+
+# ----------------------------------------------------------------------------- loading
+def _load(ckpt_dir: str, device) -> ASR:
+    from omni.inference import load_component
+    from omni.stages.audio_enc import AudioEncStage
+    weights, config, path = load_component(ckpt_dir, AudioEncStage.prefix, list(AudioEncStage.weight_keys),
+                                           AudioEncStage.make_command)
+    model = ASR(AudioEncArch.from_config(config))
+    model.enc.load_state_dict(weights["enc"])
+    model.head.load_state_dict(weights["head"])
+    return model.to(device).eval()
+
+
+def load_audio_encoder(ckpt_dir: str, device="cpu") -> AudioEncoder:
+    """The trained audio encoder in eval mode (any checkpoint format; config from the checkpoint)."""
+    return _load(ckpt_dir, device).enc
+
+
+def load_asr(ckpt_dir: str, device="cpu") -> ASR:
+    """The trained encoder + CTC head in eval mode, ready for `transcribe`."""
+    return _load(ckpt_dir, device)

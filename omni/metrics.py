@@ -1,0 +1,72 @@
+"""Evaluation metrics shared by the stages: edit distance, CER / WER, retrieval accuracy.
+
+CER and WER are corpus-level: total edits over total reference length (characters or words),
+so long utterances weigh more than short ones, as in the usual ASR reports. The counting
+functions return (edits, length) pairs so distributed evaluation can sum them over ranks.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def edit_distance(ref: Sequence, hyp: Sequence) -> int:
+    """Levenshtein distance (substitutions, insertions, deletions each cost 1)."""
+    if len(ref) < len(hyp):          # keep the row short: memory O(min(len))
+        ref, hyp = hyp, ref
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        diag, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (r != h))
+    return row[-1]
+
+
+def _as_list(x) -> list[str]:
+    return [x] if isinstance(x, str) else list(x)
+
+
+def error_counts(refs, hyps, unit: str = "char") -> tuple[int, int]:
+    """(total edits, total reference length) over pairs of strings; unit is 'char' or 'word'."""
+    refs, hyps = _as_list(refs), _as_list(hyps)
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    split = (lambda s: s.split()) if unit == "word" else (lambda s: s)
+    edits = total = 0
+    for ref, hyp in zip(refs, hyps):
+        r, h = split(ref), split(hyp)
+        edits += edit_distance(r, h)
+        total += len(r)
+    return edits, total
+
+
+def cer(refs, hyps) -> float:
+    """Character error rate: character edits / reference characters (spaces count)."""
+    edits, total = error_counts(refs, hyps, "char")
+    return edits / max(total, 1)
+
+
+def wer(refs, hyps) -> float:
+    """Word error rate: word edits / reference words."""
+    edits, total = error_counts(refs, hyps, "word")
+    return edits / max(total, 1)
+
+
+def retrieval_hits(sim: torch.Tensor, same: torch.Tensor) -> tuple[int, int]:
+    """Top-1 hits (image->caption, caption->image) in one gallery.
+
+    sim [N, N]: similarity of image i and caption j. same [N, N] bool: caption j describes image i
+    (True for identical captions too, so retrieving a duplicate caption counts as right).
+    """
+    rows = torch.arange(sim.shape[0], device=sim.device)
+    i2t = same[rows, sim.argmax(dim=1)].sum()
+    t2i = same[sim.argmax(dim=0), rows].sum()
+    return int(i2t), int(t2i)
+
+
+def retrieval_accuracy(sim: torch.Tensor, same: torch.Tensor) -> tuple[float, float]:
+    """Top-1 accuracy (image->caption, caption->image) in one gallery; see retrieval_hits."""
+    i2t, t2i = retrieval_hits(sim, same)
+    n = max(sim.shape[0], 1)
+    return i2t / n, t2i / n

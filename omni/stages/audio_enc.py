@@ -1,0 +1,122 @@
+"""Stage B: the audio encoder, trained as a character CTC speech recognizer (docs/stage_b_audio.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from omni.audio_enc import ASR, AudioEncArch, ctc_greedy_decode, ids_to_text, normalize_text, text_to_ids
+from omni.config import TrainConfig
+from omni.data.audio import AudioTextDataset, MelSpec, spec_augment
+from omni.data.common import pad_stack, require_files
+from omni.data.manifest import SampleError, read_manifest
+from omni.data.sampler import BucketedBatches
+from omni.metrics import error_counts
+from omni.training_utils import Stage, log
+
+
+@dataclass
+class AudioEncConfig(TrainConfig, AudioEncArch):
+    train_manifest: str = "data/demo/asr_train.jsonl"
+    val_manifest: str = "data/demo/asr_val.jsonl"
+    test_manifest: str = ""            # also scored at every validation when set (CER/WER only)
+    audio_column: str = "audio"        # manifest column names (a LibriSpeech-style list may differ)
+    text_column: str = "text"
+    max_seconds: float = 30.0          # longer clips are skipped as bad samples
+    spec_augment: bool = True          # training only; masks drawn from the per-sample generator
+    time_masks: int = 2
+    time_width: int = 20               # frames (10 ms each), at most a quarter of the clip
+    freq_masks: int = 2
+    freq_width: int = 10               # mel bands
+    save_dir: str = "checkpoints/audio_enc_tiny"
+
+
+class SpeechDataset(AudioTextDataset):
+    """Adds CTC labels and, when augmenting, SpecAugment drawn from the sample's own generator."""
+
+    def __init__(self, records, masks: dict | None = None, **kw):
+        super().__init__(records, **kw)
+        self.masks = masks
+
+    def load(self, record, generator):
+        sample = super().load(record, generator)
+        labels = text_to_ids(sample["text"])
+        if not labels:
+            raise SampleError("no characters of the CTC set in the text")
+        sample["text"], sample["labels"] = normalize_text(sample["text"]), torch.tensor(labels)
+        if generator is not None and self.masks:
+            sample["mel"] = spec_augment(sample["mel"], generator, **self.masks)
+        return sample
+
+
+class AudioEncStage(Stage):
+    prefix = "audio_enc"
+    weight_keys = ("enc", "head")
+    config_class = AudioEncConfig
+    make_command = "python train_audio_enc.py --config configs/audio_enc_tiny.json"
+
+    def setup(self):
+        cfg = self.cfg
+        manifests = {"train_manifest": cfg.train_manifest, "val_manifest": cfg.val_manifest,
+                     "test_manifest": cfg.test_manifest}
+        require_files(cfg, {k: [v] for k, v in manifests.items() if v}, self.rt)
+        masks = dict(time_masks=cfg.time_masks, time_width=cfg.time_width,
+                     freq_masks=cfg.freq_masks, freq_width=cfg.freq_width) if cfg.spec_augment else None
+        self.train_data = self.dataset(cfg.train_manifest, augment=masks is not None, masks=masks)
+        self.val_data = self.dataset(cfg.val_manifest)
+        self.test_data = self.dataset(cfg.test_manifest) if cfg.test_manifest else None
+        asr = ASR(AudioEncArch.from_config(cfg))
+        self.modules = {"enc": asr.enc, "head": asr.head}
+        self.asr = asr
+        log(self.rt, f"audio_enc: {len(self.train_data)} training clips, {len(self.val_data)} validation clips; "
+                     f"{sum(p.numel() for p in asr.parameters()):,} parameters")
+
+    def dataset(self, path: str, **kw) -> SpeechDataset:
+        cfg = self.cfg
+        records = read_manifest(path, ["audio", "text"], {"audio": cfg.audio_column, "text": cfg.text_column})
+        return SpeechDataset(records, spec=MelSpec(n_mels=cfg.n_mels), max_seconds=cfg.max_seconds,
+                             seed=cfg.seed, strict=cfg.strict_data, **kw)
+
+    def batch_plan(self):
+        # Similar lengths share a batch: less padding, and CTC cost grows with the longest clip.
+        return BucketedBatches(self.train_data.lengths(), self.cfg.batch_size, self.cfg.seed)
+
+    def collate(self, samples):
+        mel, mask = pad_stack([s["mel"] for s in samples])
+        return {"mel": mel, "mask": mask, "targets": torch.cat([s["labels"] for s in samples]),
+                "target_lengths": torch.tensor([len(s["labels"]) for s in samples]),
+                "text": [s["text"] for s in samples]}
+
+    def ctc_losses(self, batch):
+        """(CTC loss per utterance [B], log-probs [B, T', V], frame counts [B])."""
+        log_probs, mask = self.asr(batch["mel"], batch["mask"])
+        frames = mask.sum(dim=1)
+        # zero_infinity: a clip too fast for the downsampled frame rate adds nothing instead of inf.
+        losses = F.ctc_loss(log_probs.transpose(0, 1), batch["targets"], frames, batch["target_lengths"],
+                            blank=0, reduction="none", zero_infinity=True)
+        return losses / batch["target_lengths"].clamp(min=1), log_probs, frames
+
+    def loss(self, batch):
+        losses, _, _ = self.ctc_losses(batch)
+        return losses.mean(), {"n_frames": int(batch["mask"].sum()), "n_clips": len(batch["text"])}
+
+    def score(self, dataset) -> list[float]:
+        """[loss sum, clips, char edits, chars, word edits, words] over this rank's share."""
+        totals = [0.0] * 6
+        for batch in self.eval_batches(dataset):
+            with self.rt.autocast():
+                losses, log_probs, frames = self.ctc_losses(batch)
+            hyps = [ids_to_text(ids) for ids in ctc_greedy_decode(log_probs, frames)]
+            counts = (float(losses.sum()), len(hyps), *error_counts(batch["text"], hyps, "char"),
+                      *error_counts(batch["text"], hyps, "word"))
+            totals = [t + c for t, c in zip(totals, counts)]
+        return totals
+
+    def evaluate(self):
+        loss, n, ce, cn, we, wn = self.rt.sum(self.score(self.val_data))
+        out = {"val_loss": loss / max(n, 1), "cer": ce / max(cn, 1), "wer": we / max(wn, 1)}
+        if self.test_data is not None:
+            _, _, ce, cn, we, wn = self.rt.sum(self.score(self.test_data))
+            out.update(test_cer=ce / max(cn, 1), test_wer=we / max(wn, 1))
+        return out

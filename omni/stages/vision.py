@@ -1,0 +1,99 @@
+"""Stage C: the ViT vision encoder, trained contrastively against captions (docs/stage_c_vision.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from omni.config import TrainConfig
+from omni.data.common import require_files
+from omni.data.image import ImageCaptionDataset
+from omni.data.manifest import read_manifest
+from omni.metrics import retrieval_hits
+from omni.training_utils import Stage, log, make_loader, to_device
+from omni.vision import CLIP, VisionArch, build_vocab, info_nce
+
+
+@dataclass
+class VisionConfig(TrainConfig, VisionArch):
+    train_manifest: str = "data/demo/image_caption_train.jsonl"
+    val_manifest: str = "data/demo/image_caption_val.jsonl"
+    test_manifest: str = ""            # also scored at every validation when set
+    image_column: str = "image"        # manifest column names
+    caption_column: str = "caption"
+    max_shift: int = 4                 # training shift augmentation in pixels (no flips, no colour changes)
+    gallery_size: int = 100            # retrieval among consecutive chunks of this many pairs; 0 = whole split
+    save_dir: str = "checkpoints/vision_tiny"
+
+
+class VisionStage(Stage):
+    prefix = "vision"
+    weight_keys = ("vit", "img_proj", "text_proj", "text_embed")
+    config_class = VisionConfig
+    make_command = "python train_vision.py --config configs/vision_tiny.json"
+
+    def setup(self):
+        cfg = self.cfg
+        manifests = {"train_manifest": cfg.train_manifest, "val_manifest": cfg.val_manifest,
+                     "test_manifest": cfg.test_manifest}
+        require_files(cfg, {k: [v] for k, v in manifests.items() if v}, self.rt)
+        train = self.records(cfg.train_manifest)
+        if not cfg.vocab:   # stored in config.json and every checkpoint, so inference rebuilds the same ids
+            cfg.vocab = build_vocab(r["caption"] for r in train)
+        self.train_data = self.dataset(train, cfg.max_shift)
+        self.val_data = self.dataset(self.records(cfg.val_manifest))
+        self.test_data = self.dataset(self.records(cfg.test_manifest)) if cfg.test_manifest else None
+        self.model = CLIP(VisionArch.from_config(cfg))
+        self.modules = self.model.parts()
+        log(self.rt, f"vision: {len(self.train_data)} training pairs, {len(self.val_data)} validation pairs, "
+                     f"{len(cfg.vocab)} caption words; {sum(p.numel() for p in self.model.parameters()):,} parameters")
+
+    def records(self, path: str) -> list[dict]:
+        columns = {"image": self.cfg.image_column, "caption": self.cfg.caption_column}
+        return read_manifest(path, ["image", "caption"], columns)
+
+    def dataset(self, records, max_shift: int = 0) -> ImageCaptionDataset:
+        cfg = self.cfg
+        return ImageCaptionDataset(records, image_size=cfg.image_size, max_shift=max_shift, seed=cfg.seed,
+                                   strict=cfg.strict_data, augment=max_shift > 0)
+
+    def collate(self, samples):
+        captions = [s["caption"] for s in samples]
+        ids, mask = self.model.tokenizer.batch(captions)
+        same = torch.tensor([[a == b for b in captions] for a in captions])
+        return {"images": torch.stack([s["image"] for s in samples]), "ids": ids, "mask": mask, "same": same}
+
+    def loss(self, batch):
+        logits = self.model.logits(batch["images"], batch["ids"], batch["mask"])
+        return info_nce(logits, batch["same"]), {
+            "n_images": logits.shape[0], "logit_scale": self.model.logit_scale().item()}
+
+    def galleries(self, dataset):
+        """This rank's galleries (gallery_size consecutive pairs each; the last may be smaller)."""
+        n = len(dataset)
+        size = self.cfg.gallery_size or n
+        batches = [[(i, 0) for i in range(s, min(s + size, n))] for s in range(0, n, size)]
+        if self.cfg.eval_batches:
+            batches = batches[:self.cfg.eval_batches]
+        for batch, _ in make_loader(dataset, batches[self.rt.rank::self.rt.world_size], self, workers=0):
+            if batch is not None:
+                yield to_device(batch, self.rt.device)
+
+    def score(self, dataset) -> list[float]:
+        """[loss sum, pairs, image->caption hits, caption->image hits] over this rank's galleries."""
+        totals = [0.0] * 4
+        for batch in self.galleries(dataset):
+            with self.rt.autocast():
+                logits = self.model.logits(batch["images"], batch["ids"], batch["mask"])
+            n = logits.shape[0]
+            counts = (info_nce(logits, batch["same"]).item() * n, n, *retrieval_hits(logits, batch["same"]))
+            totals = [t + c for t, c in zip(totals, counts)]
+        return totals
+
+    def evaluate(self):
+        loss, n, i2t, t2i = self.rt.sum(self.score(self.val_data))
+        out = {"val_loss": loss / max(n, 1), "i2t_top1": i2t / max(n, 1), "t2i_top1": t2i / max(n, 1)}
+        if self.test_data is not None:
+            loss, n, i2t, t2i = self.rt.sum(self.score(self.test_data))
+            out.update(test_loss=loss / max(n, 1), test_i2t_top1=i2t / max(n, 1), test_t2i_top1=t2i / max(n, 1))
+        return out

@@ -1,0 +1,188 @@
+"""The vision encoder (a small ViT) and the caption encoder it is trained against, CLIP-style.
+
+Public API used by the SFT stage:
+  load_vision_encoder(ckpt_dir, device) -> ViT    forward(images [B,3,S,S] in [-1,1]) -> tokens [B, 1+N, d]
+  load_clip(ckpt_dir, device) -> CLIP             image/caption embeddings and similarities
+
+Captions are split into lowercase words; the vocabulary is the sorted set of words of the
+training captions (config key `vocab`, stored in every checkpoint's config), after four special
+ids: <pad>=0, <unk>=1, <cls>=2. The caption encoder is a small transformer with learned
+positions, so "a red circle above a blue square" and its reverse get different embeddings.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from omni.data.common import pad_stack
+from omni.layers import Transformer
+
+SPECIALS = ["<pad>", "<unk>", "<cls>"]
+PAD, UNK, CLS = 0, 1, 2
+LOG_SCALE_INIT = math.log(1 / 0.07)   # CLIP's starting temperature
+LOG_SCALE_MAX = math.log(100.0)       # clamp: a larger scale makes the loss unstable
+
+
+@dataclass
+class VisionArch:
+    image_size: int = 64
+    patch_size: int = 8
+    vit_dim: int = 128
+    vit_layers: int = 4
+    vit_heads: int = 4
+    text_dim: int = 96
+    text_layers: int = 2
+    text_heads: int = 4
+    embed_dim: int = 128          # the shared image-caption space
+    max_words: int = 32           # caption positions, the <cls> token included
+    dropout: float = 0.1
+    vocab: list[str] = field(default_factory=list)   # empty: built from the training captions
+
+    @classmethod
+    def from_config(cls, cfg) -> "VisionArch":
+        """The architecture keys of a stage config (an object or a dict from a checkpoint)."""
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
+        return cls(**{k: get(k, v) for k, v in cls().__dict__.items()})
+
+
+# ----------------------------------------------------------------------------- captions
+def caption_words(caption: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", caption.lower())
+
+
+def build_vocab(captions) -> list[str]:
+    """Sorted words of the captions: the same list for the same data, whatever the order."""
+    return sorted({w for c in captions for w in caption_words(c)})
+
+
+class CaptionTokenizer:
+    def __init__(self, vocab: list[str], max_words: int):
+        self.ids = {w: i + len(SPECIALS) for i, w in enumerate(vocab)}
+        self.vocab_size, self.max_words = len(SPECIALS) + len(vocab), max_words
+
+    def encode(self, caption: str) -> torch.Tensor:
+        words = caption_words(caption)[:self.max_words - 1]
+        return torch.tensor([CLS] + [self.ids.get(w, UNK) for w in words])
+
+    def batch(self, captions: list[str]):
+        """ids [B, L] and mask [B, L] (True = real token)."""
+        return pad_stack([self.encode(c) for c in captions], value=PAD)
+
+
+# ----------------------------------------------------------------------------- models
+class ViT(nn.Module):
+    """Patch embedding + CLS token + learned positions + transformer; returns all tokens, normed."""
+
+    def __init__(self, arch: VisionArch):
+        super().__init__()
+        if arch.image_size % arch.patch_size:
+            raise ValueError(f"image_size {arch.image_size} is not a multiple of patch_size {arch.patch_size}")
+        n = (arch.image_size // arch.patch_size) ** 2
+        self.image_size, self.out_dim, self.num_tokens = arch.image_size, arch.vit_dim, n + 1
+        self.patch = nn.Conv2d(3, arch.vit_dim, arch.patch_size, stride=arch.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, arch.vit_dim))
+        self.pos = nn.Parameter(torch.randn(1, n + 1, arch.vit_dim) * 0.02)
+        self.body = Transformer(arch.vit_dim, arch.vit_layers, arch.vit_heads, causal=False, rope=False,
+                                max_len=n + 1, dropout=arch.dropout)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos
+        return self.body(x)
+
+
+class TextEncoder(nn.Module):
+    """Word embeddings + learned positions + transformer; the <cls> output sums up the caption.
+
+    It also holds the contrastive temperature (a log-scale, clamped), so the four weight keys of
+    the stage cover every trained parameter.
+    """
+
+    def __init__(self, arch: VisionArch):
+        super().__init__()
+        self.embed = nn.Embedding(len(SPECIALS) + len(arch.vocab), arch.text_dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.pos = nn.Parameter(torch.randn(arch.max_words, arch.text_dim) * 0.02)
+        self.body = Transformer(arch.text_dim, arch.text_layers, arch.text_heads, causal=False, rope=False,
+                                max_len=arch.max_words, dropout=arch.dropout)
+        self.log_scale = nn.Parameter(torch.tensor(LOG_SCALE_INIT))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.pos[:ids.shape[1]]
+        return self.body(x, pad_mask=mask)[:, 0]
+
+
+class CLIP(nn.Module):
+    """The four trained parts (weight keys vit, img_proj, text_proj, text_embed) and their use."""
+
+    def __init__(self, arch: VisionArch):
+        super().__init__()
+        self.arch = arch
+        self.vit = ViT(arch)
+        self.img_proj = nn.Linear(arch.vit_dim, arch.embed_dim, bias=False)
+        self.text_proj = nn.Linear(arch.text_dim, arch.embed_dim, bias=False)
+        self.text_embed = TextEncoder(arch)
+        self.tokenizer = CaptionTokenizer(arch.vocab, arch.max_words)
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"vit": self.vit, "img_proj": self.img_proj, "text_proj": self.text_proj,
+                "text_embed": self.text_embed}
+
+    def encode_images(self, images):
+        """Unit-length image embeddings [B, embed_dim] (from the CLS token)."""
+        return F.normalize(self.img_proj(self.vit(images)[:, 0]).float(), dim=-1)
+
+    def encode_texts(self, ids, mask):
+        return F.normalize(self.text_proj(self.text_embed(ids, mask)).float(), dim=-1)
+
+    def encode_captions(self, captions: list[str]):
+        ids, mask = self.tokenizer.batch(captions)
+        device = self.img_proj.weight.device
+        return self.encode_texts(ids.to(device), mask.to(device))
+
+    def logit_scale(self) -> torch.Tensor:
+        """1 / temperature, learned in log space and clamped to [1, 100]."""
+        return self.text_embed.log_scale.clamp(0.0, LOG_SCALE_MAX).exp()
+
+    def logits(self, images, ids, mask):
+        """Scaled cosine similarities [B_images, B_captions]."""
+        return self.logit_scale() * self.encode_images(images) @ self.encode_texts(ids, mask).T
+
+
+def info_nce(logits: torch.Tensor, same: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE: cross-entropy image->caption and caption->image, averaged.
+
+    same [B, B] bool marks pairs that are equally right (identical captions in one batch). The
+    loss is then -log of the probability given to all right answers together, so a duplicate
+    caption is never pushed away as a negative; with same = identity this is plain InfoNCE.
+    """
+    if same is None:
+        same = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    logits = logits.float()
+
+    def one_way(x, right):
+        return (x.logsumexp(dim=1) - x.masked_fill(~right, float("-inf")).logsumexp(dim=1)).mean()
+    return (one_way(logits, same) + one_way(logits.T, same.T)) / 2
+
+
+# ----------------------------------------------------------------------------- loading
+def load_clip(ckpt_dir: str, device="cpu") -> CLIP:
+    """The trained image and caption encoders in eval mode (any checkpoint format)."""
+    from omni.inference import load_component
+    from omni.stages.vision import VisionStage
+    weights, config, path = load_component(ckpt_dir, VisionStage.prefix, list(VisionStage.weight_keys),
+                                           VisionStage.make_command)
+    model = CLIP(VisionArch.from_config(config))
+    for key, module in model.parts().items():
+        module.load_state_dict(weights[key])
+    return model.to(device).eval()
+
+
+def load_vision_encoder(ckpt_dir: str, device="cpu") -> ViT:
+    """The trained ViT in eval mode: images [B,3,S,S] in [-1,1] -> tokens [B, 1+N, out_dim]."""
+    return load_clip(ckpt_dir, device).vit
