@@ -14,8 +14,8 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: install
-	$(PY) train_text.py --config configs/thinker_tiny.json
-	$(PY) infer.py --ckpt_dir checkpoints/thinker_tiny --text "a small red circle"
+	$(PY) -m omni.pipeline configs/pipeline_demo.json
+	$(PY) infer.py --image data/demo/images/test_00000.png --text "how many shapes are there?" --audio_out answer.wav
 
 test: install
 	$(PY) -m pytest -q

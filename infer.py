@@ -1,21 +1,38 @@
-"""Talk to a trained model. See docs/inference.md.
+"""Talk to the trained model. See docs/inference.md.
 
-    python infer.py --ckpt_dir checkpoints/thinker_tiny --text "a red circle"
+    python infer.py                                              # interactive chat
+    python infer.py --text "what is two plus three?"
+    python infer.py --image data/demo/images/test_00001.png --text "what colour is the circle?"
+    python infer.py --audio question.wav                         # a spoken question
+    python infer.py --text "hello" --audio_out answer.wav        # ... answered aloud
+    python infer.py --say "a red circle" --audio_out out.wav     # the Talker alone
 """
 from __future__ import annotations
 
 import argparse
-import sys
+import os
+import torch
 
-from omni.inference import generate_text, load_thinker
+from omni.config import UserError
 from omni.runtime import resolve_device
 from omni.training_utils import run_cli
 
+OMNI_DIR, THINKER_DIR, TALKER_DIR = "checkpoints/omni_sft_tiny", "checkpoints/thinker_tiny", "checkpoints/talker_tiny"
+CHAT_HELP = ("type a question; '/image PATH question' or '/audio PATH' attach a picture or a spoken "
+             "question; '/quit' ends")
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate with a trained μOmni model.")
-    p.add_argument("--ckpt_dir", default="checkpoints/thinker_tiny", help="folder of the Thinker checkpoints")
-    p.add_argument("--text", required=True, help="the prompt")
+    p = argparse.ArgumentParser(description="Chat with the omni model, ask about images and speech, hear answers.")
+    p.add_argument("--ckpt_dir", default=None,
+                   help=f"model folder: Stage E ({OMNI_DIR}) or a Thinker ({THINKER_DIR}), checkpoints or "
+                        "an export; default: the first of these two that holds a model")
+    p.add_argument("--text", help="the question (or, for a Stage A Thinker, the text to continue)")
+    p.add_argument("--image", metavar="PATH", help="a picture to ask about")
+    p.add_argument("--audio", metavar="PATH", help="a spoken question (any format soundfile reads)")
+    p.add_argument("--audio_out", metavar="PATH", help="also speak the answer into this 16 kHz WAV")
+    p.add_argument("--say", metavar="TEXT", help="speak this text with the Talker (no Thinker); needs --audio_out")
+    p.add_argument("--talker_dir", default=TALKER_DIR, help="folder of the Stage D Talker")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens (0 = all)")
@@ -24,16 +41,138 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def default_model_dir() -> str:
+    from omni.inference import stage_prefix_in
+    for folder in (OMNI_DIR, THINKER_DIR):
+        if os.path.isdir(folder) and stage_prefix_in(folder):
+            return folder
+    raise UserError(f"no trained model in {OMNI_DIR} or {THINKER_DIR}: run the pipeline with "
+                    "`python -m omni.pipeline` (or train the Thinker: `python train_text.py --config "
+                    "configs/thinker_tiny.json`)")
+
+
+class Chat:
+    """One loaded model answering questions: the Stage E omni model (text, image, speech) or a
+    Stage A Thinker (text continuation only)."""
+
+    def __init__(self, ckpt_dir: str, args, device):
+        from omni.inference import load_omni, load_thinker, stage_prefix_in
+        self.args, self.device = args, device
+        prefix = stage_prefix_in(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+        if prefix == "omni":
+            self.model, config = load_omni(ckpt_dir, device)
+            self.tokenizer, self.image_size = self.model.tok, config.get("image_size", 64)
+        else:       # load_thinker names the folder and the command when nothing is there
+            self.model, self.tokenizer = load_thinker(ckpt_dir, device)
+            self.image_size = None
+        self.is_omni = prefix == "omni"
+
+    def media(self, image_path: str | None, audio_path: str | None):
+        """(image [3,S,S], log-mel [T, n_mels]) of the given files, None where not given."""
+        if (image_path or audio_path) and not self.is_omni:
+            raise UserError("--image and --audio need the Stage E model: train it with `python -m omni.pipeline` "
+                            "(or `python sft_omni.py --config configs/omni_sft_tiny.json`)")
+        from omni.data.manifest import SampleError
+        image = mel = None
+        try:
+            if image_path:
+                from omni.data.image import read_image
+                image = read_image(self._exists(image_path), self.image_size)
+            if audio_path:
+                from omni.data.audio import LogMel, MelSpec, read_audio
+                spec = MelSpec(n_mels=self.model.audio_encoder.arch.n_mels)
+                mel = LogMel(spec)(read_audio(self._exists(audio_path), spec.sample_rate))
+        except SampleError as e:       # an unreadable file
+            raise UserError(str(e)) from None
+        return image, mel
+
+    @staticmethod
+    def _exists(path: str) -> str:
+        if not os.path.isfile(path):
+            raise UserError(f"file not found: {path}")
+        return path
+
+    def answer(self, text: str, image_path: str | None = None, audio_path: str | None = None):
+        """Yield the answer piece by piece as it is generated."""
+        from omni.inference import generate_text, stream_text
+        a = self.args
+        image, mel = self.media(image_path, audio_path)
+        if not self.is_omni:
+            return generate_text(self.model, self.tokenizer, text, a.max_new_tokens, a.temperature, a.top_k,
+                                 a.seed, self.device)
+        generator = torch.Generator(device=self.device).manual_seed(a.seed)
+        return stream_text(self.model.answer(text, image, mel, a.max_new_tokens, a.temperature, a.top_k,
+                                             generator), self.tokenizer)
+
+
+def print_stream(pieces) -> str:
+    text = ""
+    for piece in pieces:
+        print(piece, end="", flush=True)
+        text += piece
+    print()
+    return text
+
+
+def speak(args, text: str, device, speaker=None):
+    """Speak text into args.audio_out with the Talker; returns the Speaker for reuse."""
+    from omni.talker import load_speaker, write_wav
+    speaker = speaker or load_speaker(args.talker_dir, device)
+    wave = speaker.speak(text, temperature=0.0, seed=args.seed)
+    write_wav(args.audio_out, wave, speaker.sample_rate)
+    print(f"[spoken into {args.audio_out}: {len(wave) / speaker.sample_rate:.2f} s at {speaker.sample_rate} Hz]")
+    return speaker
+
+
+def parse_chat_line(line: str) -> tuple[str, str | None, str | None]:
+    """'/image PATH question' | '/audio PATH [question]' | 'question' -> (question, image, audio)."""
+    for command in ("/image", "/audio"):
+        if line.startswith(command + " "):
+            path, _, question = line[len(command) + 1:].strip().partition(" ")
+            return question.strip(), (path if command == "/image" else None), (path if command == "/audio" else None)
+    return line, None, None
+
+
+def interactive(chat: Chat, args, device) -> None:
+    kind = "omni model" if chat.is_omni else "Stage A Thinker (text continuation only)"
+    print(f"μOmni chat with the {kind}; {CHAT_HELP}")
+    speaker = None
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line in ("/quit", "/exit"):
+            return
+        if not line:
+            continue
+        try:
+            print("omni> ", end="", flush=True)
+            answer = print_stream(chat.answer(*parse_chat_line(line)))
+            if args.audio_out and answer.strip():
+                speaker = speak(args, answer, device, speaker)
+        except UserError as e:       # a bad path should not end the conversation
+            print(f"\nerror: {e}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
-    model, tokenizer = load_thinker(args.ckpt_dir, device)
-    for piece in generate_text(model, tokenizer, args.text, args.max_new_tokens, args.temperature,
-                               args.top_k, args.seed, device):
-        print(piece, end="", flush=True)
-    print()
+    if args.say is not None:
+        if not args.audio_out:
+            raise UserError("--say needs --audio_out PATH (where to write the speech)")
+        speak(args, args.say, device)
+        return 0
+    chat = Chat(args.ckpt_dir or default_model_dir(), args, device)
+    if args.text is None and args.image is None and args.audio is None:
+        interactive(chat, args, device)
+        return 0
+    answer = print_stream(chat.answer(args.text or "", args.image, args.audio))
+    if args.audio_out:
+        speak(args, answer if answer.strip() else "sorry", device)
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(sys.argv[1:]))
+    run_cli(main)

@@ -133,8 +133,9 @@ def kind_of(obj) -> str:
     raise CheckpointError("not a checkpoint of this suite: expected a dictionary of weights")
 
 
-def weights_of(obj, weight_keys: list[str], source: str) -> dict[str, dict]:
-    """The state_dict of every weight key, from a full, weights-only or legacy checkpoint.
+def weights_of(obj, weight_keys: list[str], source: str, optional: tuple = ()) -> dict[str, dict]:
+    """The state_dict of every weight key (and of the optional keys present), from a full,
+    weights-only or legacy checkpoint.
 
     A flat state_dict (legacy, or an export's tensors) carries '<key>.' prefixes on its names, or
     belongs as a whole to a single-module stage.
@@ -144,8 +145,10 @@ def weights_of(obj, weight_keys: list[str], source: str) -> dict[str, dict]:
         missing = [k for k in weight_keys if k not in obj]
         if missing:
             raise CheckpointError(f"{source}: missing weight key(s) {missing}; has {sorted(obj)}")
-        return {k: obj[k] for k in weight_keys}
-    split = {k: {n[len(k) + 1:]: t for n, t in obj.items() if n.startswith(k + ".")} for k in weight_keys}
+        return {k: obj[k] for k in [*weight_keys, *optional] if k in obj}
+    split = {k: {n[len(k) + 1:]: t for n, t in obj.items() if n.startswith(k + ".")}
+             for k in [*weight_keys, *optional]}
+    split = {k: sd for k, sd in split.items() if sd or k in weight_keys}
     if sum(len(sd) for sd in split.values()) == len(obj):      # every name carries a key prefix
         return split
     if len(weight_keys) == 1:

@@ -20,20 +20,16 @@ from safetensors.torch import save_file
 from omni import checkpoint as ckpt
 from omni.config import UserError
 from omni.inference import resolve_dir
-from omni.stages import STAGES, stage_class
+from omni.stages import prefixes
 from omni.training_utils import run_cli
 
 COMPONENT_DIRS = {"thinker_dir": "thinker", "audio_enc_dir": "audio_enc", "vision_dir": "vision"}
 
 
-def known_prefixes() -> list[str]:
-    return [stage_class(letter).prefix for letter in STAGES]
-
-
 def checkpoint_in(path: str) -> tuple[str, str]:
     """(checkpoint file, stage prefix) for a .pt file or a stage folder."""
     if os.path.isdir(path):
-        for prefix in known_prefixes():
+        for prefix in prefixes():
             found = ckpt.for_inference(path, prefix)
             if found:
                 return found, prefix
@@ -41,7 +37,7 @@ def checkpoint_in(path: str) -> tuple[str, str]:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     name = os.path.basename(path)
-    for prefix in known_prefixes():
+    for prefix in prefixes():
         if name == f"{prefix}.pt" or name.startswith(f"{prefix}_"):
             return path, prefix
     return path, os.path.splitext(name)[0].split("_step_")[0].removesuffix("_best")

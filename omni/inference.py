@@ -12,18 +12,19 @@ from omni.thinker import Thinker, ThinkerArch
 from omni.tokenizer import Tokenizer
 
 
-def load_component(ckpt_dir: str, prefix: str, weight_keys: list[str], make_command: str):
-    """(weights by key, config dict, path) of a stage's inference checkpoint in ckpt_dir."""
+def load_component(ckpt_dir: str, prefix: str, weight_keys: list[str], make_command: str, optional: tuple = ()):
+    """(weights by key, config dict, path) of a stage's inference checkpoint in ckpt_dir; the
+    optional weight keys are included where present."""
     export = os.path.join(ckpt_dir, ckpt.EXPORT_FILE)
     if os.path.isfile(export):
         path, config = export, None
-        weights = ckpt.weights_of(read_export(export), weight_keys, export)
+        weights = ckpt.weights_of(read_export(export), weight_keys, export, optional)
     else:
         path = ckpt.for_inference(ckpt_dir, prefix)
         if path is None:
             raise UserError(f"no {prefix} checkpoint in {ckpt_dir}: train one with `{make_command}`")
         obj = ckpt.load(path)
-        weights = ckpt.weights_of(obj, weight_keys, path)
+        weights = ckpt.weights_of(obj, weight_keys, path, optional)
         config = obj.get("config") if ckpt.kind_of(obj) != "legacy" else None
     if config is None:
         config_path = os.path.join(ckpt_dir, "config.json")
@@ -62,22 +63,28 @@ def load_thinker(ckpt_dir: str, device) -> tuple[Thinker, Tokenizer]:
     return model.to(device).eval(), Tokenizer(os.path.join(ckpt_dir, TOKENIZER_FILE))
 
 
-def generate_text(model: Thinker, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64,
-                  temperature: float = 0.0, top_k: int = 0, seed: int = 0, device="cpu"):
-    """Yield pieces of decoded text as the tokens come (the prompt is not repeated)."""
-    ids = torch.tensor([tokenizer.encode(prompt, bos=True)], device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+def stream_text(token_ids, tokenizer: Tokenizer):
+    """Yield pieces of decoded text as token ids come from an iterator (stops at </s>)."""
     out, shown = [], ""
-    for nxt in model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                              eos_id=tokenizer.eos_id, generator=generator):
-        if nxt.item() == tokenizer.eos_id:
+    for tid in token_ids:
+        tid = int(tid)
+        if tid == tokenizer.eos_id:
             break
-        out.append(nxt.item())
+        out.append(tid)
         text = tokenizer.decode(out)
         # Emit only the new suffix; SentencePiece may merge a leading space once the next piece comes.
         if text.startswith(shown):
             yield text[len(shown):]
             shown = text
+
+
+def generate_text(model: Thinker, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64,
+                  temperature: float = 0.0, top_k: int = 0, seed: int = 0, device="cpu"):
+    """Yield the Thinker's continuation of a plain-text prompt, piece by piece."""
+    ids = torch.tensor([tokenizer.encode(prompt, bos=True)], device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return stream_text(model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      eos_id=tokenizer.eos_id, generator=generator), tokenizer)
 
 
 def load_omni_parts(thinker_dir: str, audio_enc_dir: str, vision_dir: str, device):
@@ -86,3 +93,35 @@ def load_omni_parts(thinker_dir: str, audio_enc_dir: str, vision_dir: str, devic
     from omni.vision import load_vision_encoder
     thinker, tokenizer = load_thinker(thinker_dir, device)
     return thinker, tokenizer, load_audio_encoder(audio_enc_dir, device), load_vision_encoder(vision_dir, device)
+
+
+def stage_prefix_in(folder: str) -> str | None:
+    """Which stage's model a folder holds: the prefix of its export, else of its first checkpoint."""
+    from omni.stages import prefixes
+    export = os.path.join(folder, ckpt.EXPORT_FILE)
+    if os.path.isfile(export):
+        from safetensors import safe_open
+        with safe_open(export, "pt") as f:
+            return (f.metadata() or {}).get("prefix")
+    return next((p for p in prefixes() if ckpt.for_inference(folder, p)), None)
+
+
+def load_omni(ckpt_dir: str, device):
+    """The Stage E model (Thinker, projectors, encoders) from a checkpoint or export folder, and
+    its config. The components come from the folders its config names (inside an export: its
+    subfolders); the Stage E weights replace the Thinker's."""
+    from omni.omni_model import OmniModel, Projector
+    from omni.stages.omni_sft import OmniSFTStage
+    # The encoders' weights are in the checkpoint only when SFT trained them (freeze_encoders false).
+    weights, config, _ = load_component(ckpt_dir, OmniSFTStage.prefix, list(OmniSFTStage.weight_keys),
+                                        OmniSFTStage.make_command, optional=("audio_enc", "vision"))
+    dirs = [resolve_dir(ckpt_dir, config[k]) for k in ("thinker_dir", "audio_enc_dir", "vision_dir")]
+    thinker, tokenizer, audio_enc, vision = load_omni_parts(*dirs, device)
+    d = thinker.arch.d_model
+    model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d), Projector(vision.out_dim, d),
+                      audio_enc, vision)
+    attrs = {"thinker": "thinker", "proj_a": "proj_a", "proj_v": "proj_v", "audio_enc": "audio_encoder",
+             "vision": "vision_encoder"}
+    for key, state in weights.items():
+        getattr(model, attrs[key]).load_state_dict(state)
+    return model.to(device).eval(), config

@@ -63,7 +63,9 @@ def is_finished(run: StageRun, resolved: dict) -> bool:
     if not (os.path.isfile(ckpt.final_path(run.save_dir, prefix)) and state.get("finished") and os.path.isfile(saved)):
         return False
     with open(saved, encoding="utf-8") as f:
-        same = json.load(f) == resolved
+        trained = json.load(f)
+    # An empty list is filled in by the stage from its data (Stage C's caption vocabulary).
+    same = trained.keys() == resolved.keys() and all(v in ([], trained[k]) for k, v in resolved.items())
     if not same:
         print(f"stage {run.letter}: the config differs from the finished run in {run.save_dir}; "
               "its trainer decides (raise max_steps to train on, or use a new save_dir to start over)")

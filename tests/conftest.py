@@ -54,11 +54,14 @@ def write_config(path, cfg: dict) -> str:
     return str(path)
 
 
-def run_script(script: str, *args: str, env: dict | None = None, runner: bool = False, check: bool = False):
-    """Run a repository script (through tests/stage_runner.py when runner=True) and capture output."""
+def run_script(script: str, *args: str, env: dict | None = None, runner: bool = False, check: bool = False,
+               input: str | None = None):
+    """Run a repository script (through tests/stage_runner.py when runner=True) and capture output;
+    `input` is fed to its stdin."""
     cmd = [sys.executable] + (["tests/stage_runner.py"] if runner else []) + [script, *args]
     full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600,
+                          input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -7,16 +7,37 @@ import random
 import pytest
 
 from conftest import assert_same_state, load_pt, run_script, thinker_config, write_config
+from test_audio_enc import audio_enc_config
+from test_talker import tiny_stage_config as talker_config
+from test_vision import vision_config
 
 # stage name -> (script, checkpoint prefix, weight keys, fixture giving the config function)
 STAGES = {
     "text": ("train_text.py", "thinker", ["model"], "text_stage_config"),
+    "audio_enc": ("train_audio_enc.py", "audio_enc", ["enc", "head"], "audio_stage_config"),
+    "talker": ("train_talker.py", "talker", ["talker", "rvq"], "talker_stage_config"),
+    "vision": ("train_vision.py", "vision", ["vit", "img_proj", "text_proj", "text_embed"], "vision_stage_config"),
 }
 
 
 @pytest.fixture
 def text_stage_config(corpus):
     return lambda save_dir, **kw: thinker_config(corpus, save_dir, **kw)
+
+
+@pytest.fixture
+def audio_stage_config(demo_tiny):   # dropout and SpecAugment on: RNG and augmentation restore
+    return lambda save_dir, **kw: audio_enc_config(demo_tiny, save_dir, **kw)
+
+
+@pytest.fixture
+def vision_stage_config(demo_tiny):  # dropout and shift augmentation on
+    return lambda save_dir, **kw: vision_config(demo_tiny, save_dir, **kw)
+
+
+@pytest.fixture
+def talker_stage_config(demo_tiny):  # dropout, EMA codebooks, dead-code restarts; codec -> Talker at step 6
+    return lambda save_dir, **kw: talker_config(demo_tiny, save_dir, **kw)
 
 
 def run_stage(script, cfg, tmp_path, name, env=None):
@@ -66,11 +87,14 @@ def test_sigkill_then_resume_is_bit_identical(stage, variant, tmp_path, referenc
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_sigterm_saves_then_resume_is_bit_identical(stage, tmp_path, reference, request):
+@pytest.mark.parametrize("to_workers", [False, True], ids=["main", "with_workers"])
+def test_sigterm_saves_then_resume_is_bit_identical(stage, to_workers, tmp_path, reference, request):
     script, prefix, keys, fixture = STAGES[stage]
     make_cfg = request.getfixturevalue(fixture)
-    cfg = make_cfg(tmp_path / "term")
-    proc = run_stage(script, cfg, tmp_path, "term", env={"OMNI_TEST_SIGTERM_AT_STEP": "4"})
+    # with_workers: the DataLoader workers get the signal too (pkill -f, a scheduler's group kill)
+    cfg = make_cfg(tmp_path / "term", **({"num_workers": 2} if to_workers else {}))
+    env = {"OMNI_TEST_SIGTERM_AT_STEP": "4", "OMNI_TEST_SIGTERM_ALL": "1" if to_workers else "0"}
+    proc = run_stage(script, cfg, tmp_path, "term", env=env)
     assert proc.returncode == 128 + 15, proc.stderr
     assert "stopped by SIGTERM at step 5" in proc.stdout
     assert os.path.exists(os.path.join(cfg["save_dir"], f"{prefix}_step_5.pt"))   # 5 is off the save grid

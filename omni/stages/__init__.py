@@ -15,3 +15,8 @@ STAGES = {
 def stage_class(letter: str):
     _, module, name = STAGES[letter]
     return getattr(importlib.import_module(module), name)
+
+
+def prefixes() -> list[str]:
+    """Checkpoint prefixes of the stages, A to E."""
+    return [stage_class(letter).prefix for letter in STAGES]

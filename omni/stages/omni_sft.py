@@ -10,7 +10,7 @@ from omni.data.manifest import read_manifest
 from omni.data.sft import SFTDataset, read_sft_manifest
 from omni.inference import load_omni_parts
 from omni.omni_model import OmniModel, Projector
-from omni.training_utils import Stage
+from omni.training_utils import Stage, log
 
 ASR_PROMPT = "what did you hear?"          # auxiliary task: write down the speech
 CAPTION_PROMPT = "describe the picture"    # auxiliary task: caption the image
@@ -43,6 +43,7 @@ def auxiliary_records(path: str, media: str, text: str, prompt: str, kind: str) 
 
 class OmniSFTStage(Stage):
     prefix = "omni"
+    weight_keys = ("thinker", "proj_a", "proj_v")   # + "audio_enc", "vision" when they are trained
     config_class = OmniSFTConfig
     make_command = "python sft_omni.py --config configs/omni_sft_tiny.json"
 
@@ -76,6 +77,9 @@ class OmniSFTStage(Stage):
         self.train_data = SFTDataset(records, **kw)
         self.val_data = SFTDataset(read_sft_manifest(cfg.val_manifest), **kw)
         self.test_data = SFTDataset(read_sft_manifest(cfg.test_manifest), **kw) if cfg.test_manifest else None
+        trained = sum(p.numel() for p in self.parameters())
+        log(rt, f"omni: {len(records)} training conversations, {len(self.val_data)} validation; "
+                f"{trained:,} trained parameters (encoders {'frozen' if cfg.freeze_encoders else 'trained'})")
 
     def collate(self, samples):
         return samples        # sequences are built on the device, after the encoders run

@@ -1,0 +1,176 @@
+"""End to end on the tiny demo world: the staged pipeline (train, skip, fail, resume), export ->
+inspect -> infer, and infer's spoken questions and answers."""
+import json
+import os
+
+import pytest
+import soundfile as sf
+
+from conftest import run_script, thinker_config, write_config
+from test_audio_enc import audio_enc_config
+from test_talker import tiny_stage_config as talker_config
+from test_vision import vision_config
+
+LETTERS = "ABCDE"
+
+
+def stage_configs(demo: str, root) -> dict:
+    """Tiny configs of the five stages, writing under root."""
+    text = (f"{demo}/text/train.txt", f"{demo}/text/val.txt")
+    configs = {"A": thinker_config(text, root / "thinker", vocab_size=160, max_seq_len=160, max_steps=9),
+               "B": audio_enc_config(demo, root / "audio_enc", max_steps=9),
+               "C": vision_config(demo, root / "vision", max_steps=9),
+               "D": talker_config(demo, root / "talker"),
+               "E": {"seed": 4, "save_dir": str(root / "omni"), "demo_dir": "",
+                     "thinker_dir": str(root / "thinker"), "audio_enc_dir": str(root / "audio_enc"),
+                     "vision_dir": str(root / "vision"), "train_manifest": f"{demo}/sft_train.jsonl",
+                     "val_manifest": f"{demo}/sft_val.jsonl", "test_manifest": f"{demo}/sft_test.jsonl",
+                     "asr_manifest": f"{demo}/asr_train.jsonl", "batch_size": 4, "lr": 2e-3, "warmup_steps": 2,
+                     "max_steps": 8, "eval_interval": 4, "checkpoint_freq": 4, "log_interval": 1,
+                     "eval_batches": 2, "qa_eval_limit": 12, "max_answer_tokens": 4, "progress": False}}
+    return configs
+
+
+def write_pipeline(root, configs: dict, letters: str) -> str:
+    stages = [{"stage": s, "config": write_config(root / f"stage_{s}.json", configs[s])} for s in letters]
+    return write_config(root / f"pipeline_{letters}.json", {"stages": stages})
+
+
+def run_pipeline(path: str, env=None):
+    return run_script("-m", "omni.pipeline", path, env=env)
+
+
+@pytest.fixture(scope="module")
+def trained(demo_tiny, tmp_path_factory):
+    """The whole pipeline run once on the tiny world: (root, configs, pipeline path, process)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    configs = stage_configs(demo_tiny, root)
+    path = write_pipeline(root, configs, LETTERS)
+    proc = run_pipeline(path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, configs, path, proc
+
+
+def table_rows(stdout: str) -> dict:
+    """Stage letter -> its row in the closing table."""
+    lines = stdout[stdout.rindex("stage  status"):].splitlines()[1:]
+    return {line[0]: line for line in lines if line[:1] in LETTERS}
+
+
+def final_checkpoint(save_dir, prefix) -> str:
+    return os.path.join(save_dir, f"{prefix}.pt")
+
+
+@pytest.mark.slow
+def test_pipeline_trains_every_stage_then_skips_them(trained):
+    root, configs, path, proc = trained
+    rows = table_rows(proc.stdout)
+    prefixes = dict(zip(LETTERS, ["thinker", "audio_enc", "vision", "talker", "omni"]))
+    for s in LETTERS:
+        assert "trained" in rows[s] and configs[s]["save_dir"] in rows[s], rows[s]
+        assert os.path.isfile(final_checkpoint(configs[s]["save_dir"], prefixes[s]))
+        assert os.path.isfile(os.path.join(configs[s]["save_dir"], "curves.png"))
+    assert "val_loss" in rows["E"] and "9" in rows["A"].split()[2]          # steps column
+
+    metrics = os.path.join(configs["E"]["save_dir"], "metrics.jsonl")
+    before = open(metrics).read()
+    again = run_pipeline(path)
+    assert again.returncode == 0, again.stderr
+    rows = table_rows(again.stdout)
+    assert all("skipped (finished)" in rows[s] for s in LETTERS), again.stdout
+    assert "=== stage" not in again.stdout                          # no trainer was started
+    assert open(metrics).read() == before
+
+
+@pytest.mark.slow
+def test_a_failed_stage_stops_the_run_and_a_rerun_resumes_it(demo_tiny, tmp_path):
+    configs = stage_configs(demo_tiny, tmp_path)
+    good_b = dict(configs["B"])
+    configs["B"]["train_manifest"] = str(tmp_path / "missing.jsonl")
+    proc = run_pipeline(write_pipeline(tmp_path, configs, "ABC"))
+    assert proc.returncode == 2
+    assert "missing.jsonl" in proc.stderr and "stage B failed" in proc.stderr
+    rows = table_rows(proc.stdout)
+    assert "trained" in rows["A"] and "failed" in rows["B"] and "pending" in rows["C"]
+    thinker_final = final_checkpoint(configs["A"]["save_dir"], "thinker")
+    stamp = os.path.getmtime(thinker_final)
+
+    # Stage B now crashes (SIGKILL) at step 5 of a run started by hand; the pipeline resumes it.
+    configs["B"] = good_b
+    killed = run_script("train_audio_enc.py", "--config", write_config(tmp_path / "b.json", good_b),
+                        env={"OMNI_TEST_KILL_AT_STEP": "5"}, runner=True)
+    assert killed.returncode == -9
+    proc = run_pipeline(write_pipeline(tmp_path, configs, "AB"))
+    assert proc.returncode == 0, proc.stderr
+    rows = table_rows(proc.stdout)
+    assert "skipped (finished)" in rows["A"] and "trained" in rows["B"]
+    assert f"resumed from {good_b['save_dir']}/audio_enc_step_3.pt" in proc.stdout
+    assert os.path.getmtime(thinker_final) == stamp
+
+
+def infer(*args):
+    return run_script("infer.py", *args)
+
+
+@pytest.mark.slow
+def test_export_inspect_infer_round_trip(trained, demo_tiny, tmp_path):
+    _, configs, _, _ = trained
+    omni_dir, out = configs["E"]["save_dir"], str(tmp_path / "export")
+    proc = run_script("-m", "omni.export", "--ckpt", omni_dir, "--out", out, check=True)
+    for part in ("thinker", "audio_enc", "vision"):          # components come along
+        assert os.path.isfile(os.path.join(out, part, "model.safetensors"))
+    assert os.path.getsize(os.path.join(out, "model.safetensors")) < os.path.getsize(
+        os.path.join(omni_dir, "omni.pt")) / 2
+
+    shown = run_script("-m", "omni.inspect", out, check=True).stdout
+    assert "export" in shown and "proj_a" in shown and "proj_v" in shown
+    shown = run_script("-m", "omni.inspect", os.path.join(omni_dir, "omni.pt"), check=True).stdout
+    assert "full" in shown and "optimizer" in shown
+
+    sample = json.loads(open(f"{demo_tiny}/sft_test.jsonl").readline())
+    question = ["--image", os.path.join(demo_tiny, sample["image"]), "--text", sample["conversation"][0]["content"]]
+    from_ckpt = infer("--ckpt_dir", omni_dir, *question)
+    from_export = infer("--ckpt_dir", out, *question)
+    assert from_ckpt.returncode == 0 and from_export.returncode == 0, from_ckpt.stderr + from_export.stderr
+    assert from_export.stdout == from_ckpt.stdout
+
+
+@pytest.mark.slow
+def test_infer_answers_a_spoken_question_aloud(trained, demo_tiny, tmp_path):
+    _, configs, _, _ = trained
+    record = next(json.loads(line) for line in open(f"{demo_tiny}/sft_val.jsonl") if '"audio"' in line)
+    wav = str(tmp_path / "answer.wav")
+    proc = infer("--ckpt_dir", configs["E"]["save_dir"], "--audio", os.path.join(demo_tiny, record["audio"]),
+                 "--audio_out", wav, "--talker_dir", configs["D"]["save_dir"], "--max_new_tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    data, rate = sf.read(wav)
+    assert rate == 16000 and len(data) > 1600 and abs(data).max() > 0.01
+
+
+@pytest.mark.slow
+def test_chat_reads_questions_until_quit(trained, demo_tiny):
+    _, configs, _, _ = trained
+    record = next(json.loads(line) for line in open(f"{demo_tiny}/sft_val.jsonl") if '"image"' in line)
+    image = os.path.join(demo_tiny, record["image"])
+    lines = f"what is one plus one?\n/image {image} what colour is the circle?\n/image nowhere.png hi\n/quit\n"
+    proc = run_script("infer.py", "--ckpt_dir", configs["E"]["save_dir"], "--max_new_tokens", "3", input=lines)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("omni> ") == 3 and "error: file not found: nowhere.png" in proc.stdout
+
+
+def test_infer_names_the_command_for_a_missing_model(tmp_path):
+    proc = infer("--ckpt_dir", str(tmp_path / "none"), "--text", "hi")
+    assert proc.returncode == 2 and "train_text.py" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = infer("--say", "hi", "--audio_out", str(tmp_path / "a.wav"), "--talker_dir", str(tmp_path))
+    assert proc.returncode == 2 and "train_talker.py" in proc.stderr
+    assert not os.path.exists(tmp_path / "a.wav")
+
+
+def test_sft_names_the_missing_stage_and_its_command(tmp_path, corpus):
+    cfg = {"save_dir": str(tmp_path / "omni"), "thinker_dir": str(tmp_path / "no_thinker"), "demo_dir": "",
+           "train_manifest": str(tmp_path / "sft.jsonl"), "val_manifest": str(tmp_path / "sft.jsonl"),
+           "test_manifest": ""}
+    (tmp_path / "sft.jsonl").write_text('{"conversation": [{"role": "user", "content": "hi"}, '
+                                        '{"role": "assistant", "content": "hello"}]}\n')
+    proc = run_script("sft_omni.py", "--config", write_config(tmp_path / "e.json", cfg))
+    assert proc.returncode == 2 and "no_thinker" in proc.stderr and "train_text.py" in proc.stderr
