@@ -22,7 +22,9 @@ def load_component(ckpt_dir: str, prefix: str, weight_keys: list[str], make_comm
     else:
         path = ckpt.for_inference(ckpt_dir, prefix)
         if path is None:
-            raise UserError(f"no {prefix} checkpoint in {ckpt_dir}: train one with `{make_command}`")
+            from omni.stages import letter_of
+            raise UserError(f"no {prefix} checkpoint (stage {letter_of(prefix)}) in {ckpt_dir}: "
+                            f"train one with `{make_command}`")
         obj = ckpt.load(path)
         weights = ckpt.weights_of(obj, weight_keys, path, optional)
         config = obj.get("config") if ckpt.kind_of(obj) != "legacy" else None

@@ -13,10 +13,12 @@ frame. Every position also gets a *progress* feature: i/n for text, t/T for spee
 in the sentence" is the same number on both sides and attention can find the characters being
 spoken from the first steps of training (alignment is the slow part of TTS on tiny data). In
 training T is the clip's true length, so the feature is exact whatever the speaking rate; a small
-head predicts T from the text, and generation uses that prediction. Each utterance also carries a
-*source* embedding: 0 is the voice the Talker speaks with, others mark extra training speech (other
-voices) that teaches reading. Generation uses the KV cache and always stops: at EOS or at a frame
-limit from the text length.
+head predicts T from the text, and generation uses that prediction. Attention alone learned to
+read too slowly on 800 clips (the Talker said fluent but wrong words), so each speech frame is also
+handed the encoded characters around character floor(t/T * n) (`text_window`). Each utterance also
+carries a *source* embedding: 0 is the voice the Talker speaks with, others mark extra training
+speech (other voices). Generation uses the KV cache and always stops: at EOS or at a frame limit
+from the text length.
 """
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ class TalkerArch:
     frame_dropout: float = 0.0     # training: share of input code frames hidden, so the text must be read
     cond_dim: int = 0              # > 0: also accept Thinker hidden states of this width
     n_sources: int = 2             # speech sources (0 = the Talker's own voice, 1 = extra voices)
+    text_window: int = 4           # > 0: each speech frame also gets the encoded characters within
+                                   # this many of where its progress points (0 = attention only)
 
     from_config = classmethod(arch_from_config)
 
@@ -90,6 +94,8 @@ class Talker(nn.Module):
         self.progress = nn.Linear(2 * PROGRESS_FREQS, d, bias=False)
         self.source = nn.Embedding(arch.n_sources, d)
         self.length_head = nn.Linear(d, 1)           # log(code frames / characters) of the utterance
+        w = arch.text_window
+        self.window_proj = nn.Linear((2 * w + 1) * d, d, bias=False) if w else None
         nn.init.zeros_(self.length_head.weight)      # starts at the data's average rate
         nn.init.zeros_(self.length_head.bias)
         # Reading a word takes several characters; a causal prefix would let "b" of "blue" see only
@@ -126,11 +132,24 @@ class Talker(nn.Module):
             x = self.text_encoder(x, pad_mask=mask)
         return [x[i, :len(t)] for i, t in enumerate(texts)]
 
-    def speech(self, x: torch.Tensor, positions: torch.Tensor, total: float, source: int) -> torch.Tensor:
+    def speech(self, x: torch.Tensor, positions: torch.Tensor, total: float, source: int,
+               prefix: torch.Tensor) -> torch.Tensor:
         """Speech-side inputs x [L, d] at positions (0 = start of speech) of an utterance `total`
-        frames long."""
+        frames long, after the encoded prefix [n, d]."""
         ratio = positions / max(total, 1.0)
-        return x + self.segment.weight[1] + self.source.weight[source] + self.progress(progress_features(ratio))
+        x = x + self.segment.weight[1] + self.source.weight[source] + self.progress(progress_features(ratio))
+        return x if self.window_proj is None else x + self.text_window_inputs(prefix, ratio)
+
+    def text_window_inputs(self, prefix: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+        """The prefix vectors around character floor(ratio * n), side by side, projected: [L, d].
+        Progress says roughly which character is being spoken; handing its neighbourhood to every
+        frame makes reading work from the first steps instead of after attention finds it, and the
+        window covers characters that are spoken faster or slower than average."""
+        n, w = len(prefix), self.arch.text_window
+        centre = (ratio * n).floor().long().clamp(0, max(n - 1, 0))
+        padded = F.pad(prefix, (0, 0, w, w))                               # zeros beyond either end
+        window = padded[centre[:, None] + torch.arange(2 * w + 1, device=prefix.device)]   # [L, 2w+1, d]
+        return self.window_proj(window.reshape(len(ratio), -1))
 
     def log_length(self, prefix: torch.Tensor, source: int) -> torch.Tensor:
         """Predicted log(code frames / prefix items) of one utterance, from its prefix [n, d]."""
@@ -138,7 +157,7 @@ class Talker(nn.Module):
         return self.length_head(pooled)[0] + self.frames_per_char.log()
 
     def predicted_frames(self, prefix: torch.Tensor, source: int = 0) -> float:
-        return float(self.log_length(prefix, source).exp()) * len(prefix)
+        return float(self.log_length(prefix, source).detach().exp()) * len(prefix)
 
     def frame_embed(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [..., n_q] -> the sum of their embeddings [..., d]."""
@@ -154,7 +173,7 @@ class Talker(nn.Module):
             frames = frames * keep
         frames = torch.cat([self.speech_start[None], frames])
         positions = torch.arange(len(frames), device=codes.device)
-        return torch.cat([prefix, self.speech(frames, positions, len(codes), source)])
+        return torch.cat([prefix, self.speech(frames, positions, len(codes), source, prefix)])
 
     # ------------------------------------------------------------------ training
     def forward(self, texts: list, codes: list[torch.Tensor], sources: list[int] | None = None):
@@ -211,7 +230,7 @@ class Talker(nn.Module):
         cache = KVCache(self.arch.n_layers)
         prefix = self.prefixes([text])[0]
         total = self.predicted_frames(prefix, source)
-        start = self.speech(self.speech_start[None], torch.zeros(1, device=device), total, source)
+        start = self.speech(self.speech_start[None], torch.zeros(1, device=device), total, source, prefix)
         x = torch.cat([prefix, start])[None]
         frames = []
         for t in range(1, limit + 1):
@@ -222,7 +241,7 @@ class Talker(nn.Module):
             row = torch.stack([first] + [sample_next(head(h), temperature, top_k, generator)
                                          for head in self.heads[1:]], dim=-1)       # [1, n_q]
             frames.append(row[0])
-            x = self.speech(self.frame_embed(row), torch.full((1,), t, device=device), total, source)[None]
+            x = self.speech(self.frame_embed(row), torch.full((1,), t, device=device), total, source, prefix)[None]
         return torch.stack(frames) if frames else torch.zeros(0, self.n_codebooks, dtype=torch.long, device=device)
 
 
@@ -282,27 +301,3 @@ def speak_to_file(text: str, path: str, talker_dir: str, device="cpu", temperatu
     wave = speaker.speak(text, temperature=temperature, seed=seed)
     write_wav(path, wave, speaker.sample_rate)
     return len(wave) / speaker.sample_rate
-
-
-# ----------------------------------------------------------------------------- infer.py options
-def add_speech_args(parser) -> None:
-    parser.add_argument("--audio_out", metavar="PATH",
-                        help="speak the Thinker's answer into this 16 kHz WAV with the Talker; with no Thinker "
-                             "checkpoint in --ckpt_dir, the prompt itself is spoken")
-    parser.add_argument("--talker_dir", default="checkpoints/talker_tiny", help="folder of the Talker checkpoints")
-    parser.add_argument("--talker_temperature", type=float, default=0.0, help="Talker code sampling (0 = greedy)")
-
-
-def answer_or_prompt(args) -> str | None:
-    """The prompt, when it is to be spoken because there is no Thinker; None when the Thinker answers."""
-    from omni.checkpoint import for_inference
-    if args.audio_out and for_inference(args.ckpt_dir, "thinker") is None:
-        print(f"no Thinker checkpoint in {args.ckpt_dir}: speaking the prompt itself")
-        return args.text
-    return None
-
-
-def speak_answer(args, text: str, device) -> None:
-    if args.audio_out:
-        seconds = speak_to_file(text, args.audio_out, args.talker_dir, device, args.talker_temperature, args.seed)
-        print(f"wrote {args.audio_out} ({seconds:.2f} s at 16 kHz)")

@@ -78,8 +78,17 @@ def test_thinker_hidden_states_as_prefix():
         tiny_talker()(hidden, codes)
 
 
+def test_text_window_hands_each_frame_the_characters_its_progress_points_at():
+    talker = tiny_talker(text_window=1)
+    talker.window_proj = torch.nn.Identity()           # see the window itself: [L, 3 * d]
+    prefix = torch.arange(5.0)[:, None].repeat(1, 32) + 1    # character i is the vector (i + 1)
+    window = talker.text_window_inputs(prefix, torch.tensor([0.0, 0.5, 0.99]))
+    slots = window.view(3, 3, 32)[..., 0]
+    assert slots.tolist() == [[0, 1, 2], [2, 3, 4], [4, 5, 0]]   # zeros beyond either end
+
+
 def test_generation_with_cache_matches_teacher_forcing():
-    talker = sharpen(tiny_talker(1))
+    talker = sharpen(tiny_talker(1, text_window=2))
     with torch.no_grad():
         talker.heads[0].bias[K] = -1e9                 # no EOS: run to the frame limit
     text = text_to_ids("a big blue star")
@@ -134,6 +143,7 @@ def tiny_stage_config(demo_dir, save_dir, **overrides) -> dict:
            "val_manifest": os.path.join(demo_dir, "tts_val.jsonl"),
            "codec_channels": 16, "latent_dim": 8, "codebook_size": 16, "n_codebooks": 2,
            "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 256, "dropout": 0.1,
+           "text_window": 2,
            "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "max_steps": 12, "codec_steps": 6,
            "eval_interval": 4, "checkpoint_freq": 3, "keep_last_n": 10, "log_interval": 1, "eval_batches": 2,
            "asr_ckpt_dir": str(save_dir) + "_no_asr", "griffin_lim_iters": 8, "progress": False}

@@ -22,7 +22,7 @@ def vision_config(demo_dir, save_dir, **overrides) -> dict:
            "val_manifest": f"{demo_dir}/image_caption_val.jsonl",
            "test_manifest": f"{demo_dir}/image_caption_test.jsonl",
            "patch_size": 16, "vit_dim": 32, "vit_layers": 1, "vit_heads": 2, "text_dim": 32, "text_layers": 1,
-           "text_heads": 2, "embed_dim": 16, "dropout": 0.1, "max_shift": 3, "gallery_size": 10,
+           "text_heads": 2, "embed_dim": 16, "dropout": 0.1, "max_shift": 3, "gallery_size": 10, "conv_stem": True,
            "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "max_steps": 12, "eval_interval": 4,
            "checkpoint_freq": 3, "keep_last_n": 10, "log_interval": 1, "eval_batches": 2, "progress": False}
     cfg.update(overrides)
@@ -40,6 +40,13 @@ def test_vit_returns_cls_and_patch_tokens():
     vit = ViT(tiny_arch(patch_size=8))
     out = vit(torch.rand(2, 3, 64, 64) * 2 - 1)
     assert out.shape == (2, 1 + 64, 32) and vit.out_dim == 32 and vit.num_tokens == 65
+
+
+def test_conv_stem_keeps_the_token_grid():
+    vit = ViT(tiny_arch(patch_size=8, conv_stem=True))
+    assert vit(torch.rand(2, 3, 64, 64) * 2 - 1).shape == (2, 65, 32)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ViT(tiny_arch(patch_size=2, conv_stem=True))
 
 
 def test_patch_size_must_divide_the_image():

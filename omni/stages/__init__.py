@@ -20,3 +20,8 @@ def stage_class(letter: str):
 def prefixes() -> list[str]:
     """Checkpoint prefixes of the stages, A to E."""
     return [stage_class(letter).prefix for letter in STAGES]
+
+
+def letter_of(prefix: str) -> str:
+    """The stage letter of a checkpoint prefix ("thinker" -> "A")."""
+    return next((letter for letter in STAGES if stage_class(letter).prefix == prefix), "?")

@@ -29,7 +29,7 @@ from omni.training_utils import Stage, log
 class TalkerConfig(TrainConfig, CodecArch, TalkerArch):
     train_manifest: str = "data/demo/tts_train.jsonl"
     val_manifest: str = "data/demo/tts_val.jsonl"
-    extra_train_manifest: str = ""     # more speech + text in other voices (source 1): teaches reading
+    extra_train_manifest: str = ""     # more speech + text in other voices (source 1); see the doc
     text_column: str = "text"          # column names in your manifests
     audio_column: str = "audio"
     max_seconds: float = 12.0          # longer clips are skipped as bad samples
