@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from omni.config import arch_from_config
 from omni.data.audio import LogMel, MelSpec
 from omni.data.common import pad_stack
 from omni.layers import Transformer
@@ -68,11 +69,7 @@ class AudioEncArch:
     dropout: float = 0.1
     max_positions: int = 4096  # rotary table length, in downsampled frames (164 s at 4x)
 
-    @classmethod
-    def from_config(cls, cfg) -> "AudioEncArch":
-        """The architecture keys of a stage config (an object or a dict from a checkpoint)."""
-        get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
-        return cls(**{k: get(k, v) for k, v in cls().__dict__.items()})
+    from_config = classmethod(arch_from_config)   # the architecture keys of a stage config
 
 
 def masked_normalize(mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

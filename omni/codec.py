@@ -20,15 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 
+from omni.config import arch_from_config
 from omni.data.audio import LogMel, MelSpec
 
 LOG_FLOOR = math.log(1e-5)      # LogMel's value for silence: padding uses it
-
-
-def arch_from_config(cls, cfg):
-    """An architecture dataclass filled from a stage config (object, or dict from config.json)."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
-    return cls(**{k: get(k, v) for k, v in cls().__dict__.items()})
 
 
 @dataclass

@@ -147,3 +147,11 @@ def load_config(cls, path: str | None, overrides: typing.Sequence[str] = ()):
 
 def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def arch_from_config(cls, cfg):
+    """An architecture dataclass filled from a stage config (the config object, or the dict saved
+    in a checkpoint or config.json); keys it does not hold keep their defaults. Used as
+    `from_config = classmethod(arch_from_config)`."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
+    return cls(**{k: get(k, v) for k, v in cls().__dict__.items()})

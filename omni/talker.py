@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from omni.codec import CodecArch, GriffinLimVocoder, SpeechCodec, Vocoder, arch_from_config
+from omni.codec import CodecArch, GriffinLimVocoder, SpeechCodec, Vocoder
+from omni.config import arch_from_config
 from omni.data.audio import MelSpec
 from omni.data.common import pad_stack
 from omni.layers import KVCache, Transformer, sample_next

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from omni.config import arch_from_config
 from omni.layers import KVCache, Transformer, sample_next
 
 
@@ -21,11 +22,7 @@ class ThinkerArch:
     dropout: float = 0.0
     rope_theta: float = 10000.0
 
-    @classmethod
-    def from_config(cls, cfg) -> "ThinkerArch":
-        """The architecture keys of a stage config (an object or a dict from config.json)."""
-        get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
-        return cls(**{k: get(k, v) for k, v in cls().__dict__.items()})
+    from_config = classmethod(arch_from_config)   # the architecture keys of a stage config
 
 
 class Thinker(nn.Module):

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from omni.config import arch_from_config
 from omni.data.common import pad_stack
 from omni.layers import Transformer
 
@@ -44,11 +45,7 @@ class VisionArch:
     dropout: float = 0.1
     vocab: list[str] = field(default_factory=list)   # empty: built from the training captions
 
-    @classmethod
-    def from_config(cls, cfg) -> "VisionArch":
-        """The architecture keys of a stage config (an object or a dict from a checkpoint)."""
-        get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
-        return cls(**{k: get(k, v) for k, v in cls().__dict__.items()})
+    from_config = classmethod(arch_from_config)   # the architecture keys of a stage config
 
 
 # ----------------------------------------------------------------------------- captions
