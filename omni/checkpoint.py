@@ -27,9 +27,9 @@ from omni.config import UserError
 FORMAT_VERSION = 1
 TRAINING_STATE = "training_state.json"
 EXPORT_FILE = "model.safetensors"
-# Entries of a checkpoint dictionary that are not weights.
-NON_WEIGHT_KEYS = {"optimizer", "scheduler", "scaler", "step", "best_val_loss", "rng", "data_state",
-                   "config", "format_version"}
+# Entries of a checkpoint dictionary that only resuming needs, and all entries that are not weights.
+RESUME_KEYS = {"optimizer", "scheduler", "scaler", "rng", "data_state"}
+NON_WEIGHT_KEYS = RESUME_KEYS | {"step", "best_val_loss", "config", "format_version"}
 
 
 class CheckpointError(UserError):
@@ -155,6 +155,15 @@ def weights_of(obj, weight_keys: list[str], source: str, optional: tuple = ()) -
         return {weight_keys[0]: obj}
     empty = [k for k, sd in split.items() if not sd]
     raise CheckpointError(f"{source}: state_dict has no '<key>.' entries for {empty or weight_keys}")
+
+
+def slim(obj: dict) -> dict:
+    """A weights-only copy of a full checkpoint dictionary: the weights, step, best_val_loss, config
+    and format version, without optimizer, scheduler, scaler, RNG and data position (about a third
+    of the size). Inference, `--init_from` and inspect load it; it cannot resume a run."""
+    if kind_of(obj) == "legacy":
+        return obj
+    return {k: v for k, v in obj.items() if k not in RESUME_KEYS}
 
 
 def for_inference(save_dir: str, prefix: str) -> str | None:

@@ -105,3 +105,34 @@ def demo_tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "world"
     build_demo_world(out, size="tiny", seed=0, progress=False)
     return str(out)
+
+
+def tiny_stage_configs(demo: str, root) -> dict:
+    """Tiny configs of the five stages (letter -> config dict) on the tiny world, writing under root."""
+    from test_audio_enc import audio_enc_config       # the test modules import this one
+    from test_talker import tiny_stage_config as talker_config
+    from test_vision import vision_config
+    text = (f"{demo}/text/train.txt", f"{demo}/text/val.txt")
+    return {"A": thinker_config(text, root / "thinker", vocab_size=160, max_seq_len=160, max_steps=9),
+            "B": audio_enc_config(demo, root / "audio_enc", max_steps=9),
+            "C": vision_config(demo, root / "vision", max_steps=9),
+            "D": talker_config(demo, root / "talker"),
+            "E": {"seed": 4, "save_dir": str(root / "omni"), "demo_dir": "",
+                  "thinker_dir": str(root / "thinker"), "audio_enc_dir": str(root / "audio_enc"),
+                  "vision_dir": str(root / "vision"), "train_manifest": f"{demo}/sft_train.jsonl",
+                  "val_manifest": f"{demo}/sft_val.jsonl", "test_manifest": f"{demo}/sft_test.jsonl",
+                  "asr_manifest": f"{demo}/asr_train.jsonl", "batch_size": 4, "lr": 2e-3, "warmup_steps": 2,
+                  "max_steps": 8, "eval_interval": 4, "checkpoint_freq": 4, "log_interval": 1,
+                  "eval_batches": 2, "qa_eval_limit": 12, "max_answer_tokens": 4, "progress": False}}
+
+
+@pytest.fixture(scope="session")
+def trained_stages(demo_tiny, tmp_path_factory) -> dict:
+    """Stages A-D trained once per session on the tiny world (through the pipeline); returns the five
+    tiny configs (letter -> dict). E's config points at A, B and C and is not trained here."""
+    root = tmp_path_factory.mktemp("stages")
+    configs = tiny_stage_configs(demo_tiny, root)
+    stages = [{"stage": s, "config": write_config(root / f"stage_{s}.json", configs[s])} for s in "ABCD"]
+    proc = run_script("-m", "omni.pipeline", write_config(root / "pipeline.json", {"stages": stages}))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return configs

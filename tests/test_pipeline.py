@@ -6,29 +6,9 @@ import os
 import pytest
 import soundfile as sf
 
-from conftest import run_script, thinker_config, write_config
-from test_audio_enc import audio_enc_config
-from test_talker import tiny_stage_config as talker_config
-from test_vision import vision_config
+from conftest import run_script, tiny_stage_configs as stage_configs, write_config
 
 LETTERS = "ABCDE"
-
-
-def stage_configs(demo: str, root) -> dict:
-    """Tiny configs of the five stages, writing under root."""
-    text = (f"{demo}/text/train.txt", f"{demo}/text/val.txt")
-    configs = {"A": thinker_config(text, root / "thinker", vocab_size=160, max_seq_len=160, max_steps=9),
-               "B": audio_enc_config(demo, root / "audio_enc", max_steps=9),
-               "C": vision_config(demo, root / "vision", max_steps=9),
-               "D": talker_config(demo, root / "talker"),
-               "E": {"seed": 4, "save_dir": str(root / "omni"), "demo_dir": "",
-                     "thinker_dir": str(root / "thinker"), "audio_enc_dir": str(root / "audio_enc"),
-                     "vision_dir": str(root / "vision"), "train_manifest": f"{demo}/sft_train.jsonl",
-                     "val_manifest": f"{demo}/sft_val.jsonl", "test_manifest": f"{demo}/sft_test.jsonl",
-                     "asr_manifest": f"{demo}/asr_train.jsonl", "batch_size": 4, "lr": 2e-3, "warmup_steps": 2,
-                     "max_steps": 8, "eval_interval": 4, "checkpoint_freq": 4, "log_interval": 1,
-                     "eval_batches": 2, "qa_eval_limit": 12, "max_answer_tokens": 4, "progress": False}}
-    return configs
 
 
 def write_pipeline(root, configs: dict, letters: str) -> str:
