@@ -1,11 +1,20 @@
-"""Export a checkpoint for inference: `python -m omni.export --ckpt PATH --out DIR`.
+"""Export a checkpoint: `python -m omni.export --ckpt PATH --out DIR [--format omni|pt|hf|gguf] [--dtype f32|f16]`.
 
-DIR gets model.safetensors (the weights, names prefixed by their weight key, no optimizer state:
-about a third of a full checkpoint), config.json (the stage's config) and, for the Thinker,
-tokenizer.model. PATH is a .pt file or a stage's folder (its inference checkpoint: best, else
-final, else newest step). An omni (stage E) checkpoint also exports the components it builds on
-into DIR/thinker, DIR/audio_enc and DIR/vision, and its config.json points at them, so DIR is
-self-contained. `infer.py` and `python -m omni.inspect` read export folders like checkpoint folders.
+PATH is a .pt file or a stage's folder (its inference checkpoint: best, else final, else newest
+step). DIR receives, by format:
+
+  omni (default)  model.safetensors (the weights, names prefixed by their weight key, no optimizer
+                  state: about a third of a full checkpoint), config.json (the stage's config) and,
+                  for the Thinker, tokenizer.model.
+  pt              {prefix}.pt: the checkpoint dictionary without optimizer, scheduler, scaler, RNG and
+                  data position (checkpoint.slim), beside config.json and tokenizer.model.
+  hf              the Thinker (Stage A, or the one inside Stage E) as a transformers LlamaForCausalLM
+                  folder; see omni/export_llama.py.
+  gguf            the Thinker as DIR/thinker-{dtype}.gguf for llama.cpp; see omni/export_llama.py.
+
+An omni (stage E) checkpoint exported as omni or pt also exports the components it builds on into
+DIR/thinker, DIR/audio_enc and DIR/vision, and its config points at them, so DIR is self-contained.
+`infer.py`, `--init_from` and `python -m omni.inspect` read omni and pt exports like checkpoint folders.
 """
 from __future__ import annotations
 
@@ -19,11 +28,13 @@ from safetensors.torch import save_file
 
 from omni import checkpoint as ckpt
 from omni.config import UserError
-from omni.inference import resolve_dir
-from omni.stages import prefixes
-from omni.training_utils import run_cli
+from omni.inference import load_component, resolve_dir
+from omni.stages import letter_of, prefixes
+from omni.cli import run_cli
 
 COMPONENT_DIRS = {"thinker_dir": "thinker", "audio_enc_dir": "audio_enc", "vision_dir": "vision"}
+FORMATS = ("omni", "pt", "hf", "gguf")
+TOKENIZER_FILE = "tokenizer.model"
 
 
 def checkpoint_in(path: str) -> tuple[str, str]:
@@ -41,6 +52,21 @@ def checkpoint_in(path: str) -> tuple[str, str]:
         if name == f"{prefix}.pt" or name.startswith(f"{prefix}_"):
             return path, prefix
     return path, os.path.splitext(name)[0].split("_step_")[0].removesuffix("_best")
+
+
+def read_checkpoint(source: str) -> tuple[dict, dict, str, str]:
+    """(checkpoint object, config, file, stage prefix); the config from inside the checkpoint, else
+    from config.json beside it."""
+    path, prefix = checkpoint_in(source)
+    obj = ckpt.load(path)
+    config = obj.get("config") if ckpt.kind_of(obj) != "legacy" else None
+    config_path = os.path.join(os.path.dirname(path), "config.json")
+    if config is None and os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    if config is None:
+        raise UserError(f"{path}: no config inside and no config.json beside it")
+    return obj, config, path, prefix
 
 
 def weight_tensors(obj) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -63,44 +89,76 @@ def weight_tensors(obj) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, aliases
 
 
-def export(source: str, out: str) -> list[str]:
-    """Export `source` into `out`; returns the files written."""
-    path, prefix = checkpoint_in(source)
-    obj = ckpt.load(path)
+def export(source: str, out: str, fmt: str = "omni", dtype: str = "f32") -> list[str]:
+    """Export `source` into `out` in format `fmt`; returns the files written."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if dtype != "f32" and fmt not in ("hf", "gguf"):
+        raise UserError(f"--dtype {dtype}: only --format hf and gguf convert weights; {fmt} keeps them as trained")
+    obj, config, path, prefix = read_checkpoint(source)
+    if fmt in ("hf", "gguf"):
+        return export_thinker(obj, config, path, prefix, out, fmt, dtype)
     folder = os.path.dirname(path)
-    config = obj.get("config") if ckpt.kind_of(obj) != "legacy" else None
-    if config is None and os.path.isfile(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    if config is None:
-        raise UserError(f"{path}: no config inside and no config.json beside it")
     os.makedirs(out, exist_ok=True)
     written = []
     if prefix == "omni":       # bring the components along, and point the config at them
         config = dict(config)
         for key, sub in COMPONENT_DIRS.items():
-            written += export(resolve_dir(folder, config[key]), os.path.join(out, sub))
+            written += export(resolve_dir(folder, config[key]), os.path.join(out, sub), fmt)
             config[key] = sub
-    tensors, aliases = weight_tensors(obj)
-    meta = {"prefix": prefix, "step": str(obj.get("step", "")), "source": os.path.abspath(path),
-            "format": "omni-export-1", "aliases": json.dumps(aliases)}
-    target = os.path.join(out, ckpt.EXPORT_FILE)
-    save_file(tensors, target, metadata=meta)
+    if fmt == "pt":
+        target = os.path.join(out, f"{prefix}.pt")
+        slim = ckpt.slim(obj)
+        ckpt.save(target, slim if ckpt.kind_of(obj) == "legacy" else {**slim, "config": config})
+    else:
+        tensors, aliases = weight_tensors(obj)
+        meta = {"prefix": prefix, "step": str(obj.get("step", "")), "source": os.path.abspath(path),
+                "format": "omni-export-1", "aliases": json.dumps(aliases)}
+        target = os.path.join(out, ckpt.EXPORT_FILE)
+        save_file(tensors, target, metadata=meta)
     ckpt.write_json(os.path.join(out, "config.json"), config)
     written += [target, os.path.join(out, "config.json")]
-    tokenizer = os.path.join(folder, "tokenizer.model")
+    tokenizer = os.path.join(folder, TOKENIZER_FILE)
     if os.path.isfile(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(out, "tokenizer.model"))
-        written.append(os.path.join(out, "tokenizer.model"))
+        shutil.copyfile(tokenizer, os.path.join(out, TOKENIZER_FILE))
+        written.append(os.path.join(out, TOKENIZER_FILE))
     return written
 
 
+def export_thinker(obj, config: dict, path: str, prefix: str, out: str, fmt: str, dtype: str) -> list[str]:
+    """The Thinker of a Stage A or Stage E checkpoint as a Llama (hf folder or gguf file)."""
+    from omni import export_llama
+    from omni.stages.omni_sft import OmniSFTStage
+    from omni.stages.text import TextStage
+    from omni.thinker import ThinkerArch
+    if prefix == TextStage.prefix:
+        weights, thinker_dir = ckpt.weights_of(obj, ["model"], path)["model"], os.path.dirname(path)
+    elif prefix == OmniSFTStage.prefix:
+        weights = ckpt.weights_of(obj, list(OmniSFTStage.weight_keys), path, ("audio_enc", "vision"))["thinker"]
+        thinker_dir = resolve_dir(os.path.dirname(path), config["thinker_dir"])
+        # Stage E keeps the Thinker's architecture and tokenizer in the Stage A folder it started from.
+        config = load_component(thinker_dir, TextStage.prefix, ["model"], TextStage.make_command)[1]
+    else:
+        raise UserError(f"{path} is a stage {letter_of(prefix)} ({prefix}) checkpoint: --format {fmt} exports "
+                        f"the Thinker, from a stage A (thinker) or stage E (omni) checkpoint")
+    tokenizer = os.path.join(thinker_dir, TOKENIZER_FILE)
+    if not os.path.isfile(tokenizer):
+        raise UserError(f"tokenizer not found: {tokenizer} (the Thinker's folder holds it)")
+    arch = ThinkerArch.from_config(config)
+    if fmt == "hf":
+        return export_llama.write_hf(weights, arch, tokenizer, out, dtype)
+    return [export_llama.write_gguf(weights, arch, tokenizer, os.path.join(out, f"thinker-{dtype}.gguf"), dtype)]
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Export a checkpoint to safetensors for inference.")
+    p = argparse.ArgumentParser(description="Export a checkpoint for inference: the suite's safetensors (omni), a "
+                                            "weights-only .pt, or the Thinker for transformers (hf) or llama.cpp (gguf).")
     p.add_argument("--ckpt", required=True, help="a .pt checkpoint or a stage's checkpoint folder")
     p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--format", default="omni", choices=FORMATS, help="what to write (default: omni)")
+    p.add_argument("--dtype", default="f32", choices=("f32", "f16"), help="weight precision for hf and gguf")
     args = p.parse_args(argv)
-    for path in export(args.ckpt, args.out):
+    for path in export(args.ckpt, args.out, args.format, args.dtype):
         print(f"{path}  ({os.path.getsize(path) / 1e6:.2f} MB)")
     return 0
 
