@@ -13,7 +13,8 @@ from omni.data.common import pad_stack, require_files
 from omni.data.manifest import SampleError, read_manifest
 from omni.data.sampler import BucketedBatches
 from omni.metrics import error_counts
-from omni.training_utils import Stage, log
+from omni.logs import log
+from omni.stage import Stage
 
 
 @dataclass
@@ -58,18 +59,19 @@ class AudioEncStage(Stage):
 
     def setup(self):
         cfg = self.cfg
-        manifests = {"train_manifest": cfg.train_manifest, "val_manifest": cfg.val_manifest,
-                     "test_manifest": cfg.test_manifest}
+        manifests = {"train_manifest": "" if self.evaluation_only else cfg.train_manifest,
+                     "val_manifest": cfg.val_manifest, "test_manifest": cfg.test_manifest}
         require_files(cfg, {k: [v] for k, v in manifests.items() if v}, self.rt)
         masks = dict(time_masks=cfg.time_masks, time_width=cfg.time_width,
                      freq_masks=cfg.freq_masks, freq_width=cfg.freq_width) if cfg.spec_augment else None
-        self.train_data = self.dataset(cfg.train_manifest, augment=masks is not None, masks=masks)
+        if not self.evaluation_only:
+            self.train_data = self.dataset(cfg.train_manifest, augment=masks is not None, masks=masks)
         self.val_data = self.dataset(cfg.val_manifest)
         self.test_data = self.dataset(cfg.test_manifest) if cfg.test_manifest else None
         asr = ASR(AudioEncArch.from_config(cfg))
         self.modules = {"enc": asr.enc, "head": asr.head}
         self.asr = asr
-        log(self.rt, f"audio_enc: {len(self.train_data)} training clips, {len(self.val_data)} validation clips; "
+        log(self.rt, f"audio_enc: {len(self.train_data or [])} training clips, {len(self.val_data)} validation clips; "
                      f"{sum(p.numel() for p in asr.parameters()):,} parameters")
 
     def dataset(self, path: str, **kw) -> SpeechDataset:

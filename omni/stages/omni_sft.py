@@ -10,7 +10,8 @@ from omni.data.manifest import read_manifest
 from omni.data.sft import SFTDataset, read_sft_manifest
 from omni.inference import load_omni_parts
 from omni.omni_model import OmniModel, Projector
-from omni.training_utils import Stage, log
+from omni.logs import log
+from omni.stage import Stage
 
 ASR_PROMPT = "what did you hear?"          # auxiliary task: write down the speech
 CAPTION_PROMPT = "describe the picture"    # auxiliary task: caption the image
@@ -53,6 +54,8 @@ class OmniSFTStage(Stage):
                      "test_manifest": [cfg.test_manifest] if cfg.test_manifest else [],
                      "asr_manifest": [cfg.asr_manifest] if cfg.asr_manifest else [],
                      "caption_manifest": [cfg.caption_manifest] if cfg.caption_manifest else []}
+        if self.evaluation_only:
+            manifests = {k: v for k, v in manifests.items() if k in ("val_manifest", "test_manifest")}
         require_files(cfg, manifests, rt)
         parts = load_omni_parts(cfg.thinker_dir, cfg.audio_enc_dir, cfg.vision_dir, rt.device)
         thinker, tokenizer, audio_enc, vision = parts
@@ -68,13 +71,15 @@ class OmniSFTStage(Stage):
                 self.modules[name] = enc
         thinker.requires_grad_(not cfg.freeze_thinker)
 
-        records = read_sft_manifest(cfg.train_manifest)
-        if cfg.asr_manifest:
-            records += auxiliary_records(cfg.asr_manifest, "audio", "text", ASR_PROMPT, "asr")
-        if cfg.caption_manifest:
-            records += auxiliary_records(cfg.caption_manifest, "image", "caption", CAPTION_PROMPT, "caption")
         kw = {"image_size": cfg.image_size, "strict": cfg.strict_data, "seed": cfg.seed}
-        self.train_data = SFTDataset(records, **kw)
+        records = []
+        if not self.evaluation_only:
+            records = read_sft_manifest(cfg.train_manifest)
+            if cfg.asr_manifest:
+                records += auxiliary_records(cfg.asr_manifest, "audio", "text", ASR_PROMPT, "asr")
+            if cfg.caption_manifest:
+                records += auxiliary_records(cfg.caption_manifest, "image", "caption", CAPTION_PROMPT, "caption")
+            self.train_data = SFTDataset(records, **kw)
         self.val_data = SFTDataset(read_sft_manifest(cfg.val_manifest), **kw)
         self.test_data = SFTDataset(read_sft_manifest(cfg.test_manifest), **kw) if cfg.test_manifest else None
         trained = sum(p.numel() for p in self.parameters())

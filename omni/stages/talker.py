@@ -9,7 +9,6 @@ See docs/stage_d_talker.md.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,8 @@ from omni.data.common import pad_stack, require_files
 from omni.data.manifest import read_manifest
 from omni.data.sampler import BucketedBatches
 from omni.talker import Speaker, Talker, TalkerArch, normalize_text, text_to_ids
-from omni.training_utils import Stage, log
+from omni.logs import log
+from omni.stage import Stage
 
 
 @dataclass
@@ -59,13 +59,24 @@ class TalkerStage(Stage):
         files = {"train_manifest": [cfg.train_manifest], "val_manifest": [cfg.val_manifest]}
         if cfg.extra_train_manifest:
             files["extra_train_manifest"] = [cfg.extra_train_manifest]
+        if self.evaluation_only:
+            files = {"val_manifest": files["val_manifest"]}
         require_files(cfg, files, self.rt)
         self.spec = MelSpec(n_mels=cfg.n_mels)
-        self.train_data = self.dataset(cfg.train_manifest, cfg.extra_train_manifest)
         self.val_data = self.dataset(cfg.val_manifest)
-        self.lengths = self.train_data.lengths()
         codec = SpeechCodec(CodecArch.from_config(cfg))
         talker = Talker(TalkerArch.from_config(cfg), cfg.n_codebooks, cfg.codebook_size)
+        if not self.evaluation_only:    # an evaluated checkpoint brings its frames_per_char buffer
+            self.fit_to_training_data(codec, talker)
+        self.modules = {"talker": talker, "rvq": codec}
+        self.vocoder = GriffinLimVocoder(self.spec, n_iter=cfg.griffin_lim_iters)
+        self._asr, self._asr_noted, self._vocoder_cer = None, False, None
+
+    def fit_to_training_data(self, codec: SpeechCodec, talker: Talker):
+        """Read the training clips, set the Talker's length prior from them, check they fit max_seq_len."""
+        cfg = self.cfg
+        self.train_data = self.dataset(cfg.train_manifest, cfg.extra_train_manifest)
+        self.lengths = self.train_data.lengths()
         texts = [len(normalize_text(str(r["text"]))) for r in self.train_data.records]
         code_frames = [codec.code_frames(n) for n in self.lengths]
         talker.frames_per_char.fill_(sum(code_frames) / max(sum(texts), 1))
@@ -73,9 +84,6 @@ class TalkerStage(Stage):
         if longest > cfg.max_seq_len:
             raise UserError(f"config key 'max_seq_len': {cfg.max_seq_len} is shorter than the longest "
                             f"training utterance ({longest} characters + code frames)")
-        self.modules = {"talker": talker, "rvq": codec}
-        self.vocoder = GriffinLimVocoder(self.spec, n_iter=cfg.griffin_lim_iters)
-        self._asr, self._asr_noted, self._vocoder_cer = None, False, None
         log(self.rt, f"talker: {len(self.train_data)} training clips, {float(talker.frames_per_char):.2f} code "
                      f"frames per character at {100 / cfg.downsample:g} Hz; steps 1-{cfg.codec_steps} train the "
                      f"codec, the rest the Talker")

@@ -12,7 +12,8 @@ from omni.data.common import require_files
 from omni.data.text import TokenWindows, encode_documents, perplexity, read_lines, unigram_entropy
 from omni.thinker import Thinker, ThinkerArch
 from omni.tokenizer import Tokenizer
-from omni.training_utils import Stage, log
+from omni.logs import log
+from omni.stage import Stage
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -49,28 +50,34 @@ class TextStage(Stage):
     prefix = "thinker"
     config_class = TextConfig
     make_command = "python train_text.py --config configs/thinker_tiny.json"
+    val_key = "val_file"
 
     def setup(self):
         cfg = self.cfg
         if cfg.seq_len > cfg.max_seq_len:
             raise UserError(f"config key 'seq_len': {cfg.seq_len} exceeds max_seq_len {cfg.max_seq_len}")
-        files = {"train_files": cfg.train_files, "val_file": [cfg.val_file] if cfg.val_file else []}
+        # Without val_file, validation is held out of the training text, so even evaluation reads it.
+        read_train = not self.evaluation_only or not cfg.val_file
+        files = {"train_files": cfg.train_files if read_train else [],
+                 "val_file": [cfg.val_file] if cfg.val_file else []}
         require_files(cfg, files, self.rt)
         self.tokenizer = prepare_tokenizer(cfg, self.rt)
-        train_lines = [line for path in cfg.train_files for line in read_lines(path)]
+        train_lines = [line for path in cfg.train_files for line in read_lines(path)] if read_train else []
         if cfg.val_file:
             val_lines = read_lines(cfg.val_file)
         else:   # every k-th line, so the held-out part spans the whole corpus
             k = max(2, round(1 / cfg.val_fraction))
             train_lines, val_lines = ([x for i, x in enumerate(train_lines) if i % k != k - 1],
                                       train_lines[k - 1::k])
-        train_tokens = encode_documents(self.tokenizer, train_lines)
         val_tokens = encode_documents(self.tokenizer, val_lines)
-        self.train_data = TokenWindows(train_tokens, cfg.seq_len, cfg.seed, "training text")
         self.val_data = TokenWindows(val_tokens, cfg.seq_len, None, cfg.val_file or "validation text")
-        self.unigram = unigram_entropy(train_tokens, cfg.vocab_size)
-        log(self.rt, f"thinker: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens; "
-                     f"unigram entropy {self.unigram:.3f} nats/token (the loss to beat)")
+        self.unigram = None
+        if not self.evaluation_only:
+            train_tokens = encode_documents(self.tokenizer, train_lines)
+            self.train_data = TokenWindows(train_tokens, cfg.seq_len, cfg.seed, "training text")
+            self.unigram = unigram_entropy(train_tokens, cfg.vocab_size)
+            log(self.rt, f"thinker: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens; "
+                         f"unigram entropy {self.unigram:.3f} nats/token (the loss to beat)")
         self.modules = {"model": Thinker(ThinkerArch.from_config(cfg))}
 
     def loss(self, batch):
@@ -81,4 +88,7 @@ class TextStage(Stage):
 
     def evaluate(self):
         val_loss = self.mean_loss(self.val_data)
-        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss), "unigram_entropy": self.unigram}
+        out = {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+        if self.unigram is not None:    # a figure of the training text, which evaluation does not read
+            out["unigram_entropy"] = self.unigram
+        return out

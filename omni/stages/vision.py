@@ -10,7 +10,8 @@ from omni.data.common import require_files
 from omni.data.image import ImageCaptionDataset
 from omni.data.manifest import read_manifest
 from omni.metrics import retrieval_hits
-from omni.training_utils import Stage, log, make_loader, to_device
+from omni.logs import log
+from omni.stage import Stage, make_loader, to_device
 from omni.vision import CLIP, VisionArch, build_vocab, info_nce
 
 
@@ -34,18 +35,19 @@ class VisionStage(Stage):
 
     def setup(self):
         cfg = self.cfg
-        manifests = {"train_manifest": cfg.train_manifest, "val_manifest": cfg.val_manifest,
-                     "test_manifest": cfg.test_manifest}
+        manifests = {"train_manifest": "" if self.evaluation_only else cfg.train_manifest,
+                     "val_manifest": cfg.val_manifest, "test_manifest": cfg.test_manifest}
         require_files(cfg, {k: [v] for k, v in manifests.items() if v}, self.rt)
-        train = self.records(cfg.train_manifest)
-        if not cfg.vocab:   # stored in config.json and every checkpoint, so inference rebuilds the same ids
-            cfg.vocab = build_vocab(r["caption"] for r in train)
-        self.train_data = self.dataset(train, cfg.max_shift)
+        if not self.evaluation_only:    # an evaluated checkpoint's config brings its vocab
+            train = self.records(cfg.train_manifest)
+            if not cfg.vocab:   # stored in config.json and every checkpoint, so inference rebuilds the same ids
+                cfg.vocab = build_vocab(r["caption"] for r in train)
+            self.train_data = self.dataset(train, cfg.max_shift)
         self.val_data = self.dataset(self.records(cfg.val_manifest))
         self.test_data = self.dataset(self.records(cfg.test_manifest)) if cfg.test_manifest else None
         self.model = CLIP(VisionArch.from_config(cfg))
         self.modules = self.model.parts()
-        log(self.rt, f"vision: {len(self.train_data)} training pairs, {len(self.val_data)} validation pairs, "
+        log(self.rt, f"vision: {len(self.train_data or [])} training pairs, {len(self.val_data)} validation pairs, "
                      f"{len(cfg.vocab)} caption words; {sum(p.numel() for p in self.model.parameters()):,} parameters")
 
     def records(self, path: str) -> list[dict]:
