@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from omni import checkpoint as ckpt
 from omni.config import UserError, config_dict, load_config, read_json
 from omni.stages import STAGES, stage_class
-from omni.training_utils import run_cli
+from omni.cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join("configs", "pipeline_demo.json")
@@ -64,6 +64,9 @@ def is_finished(run: StageRun, resolved: dict) -> bool:
         return False
     with open(saved, encoding="utf-8") as f:
         trained = json.load(f)
+    # A key added to the suite after this run was trained counts as unchanged at its default.
+    defaults = config_dict(stage_class(run.letter).config_class())
+    trained = {**{k: v for k, v in defaults.items() if k not in trained}, **trained}
     # An empty list is filled in by the stage from its data (Stage C's caption vocabulary).
     same = trained.keys() == resolved.keys() and all(v in ([], trained[k]) for k, v in resolved.items())
     if not same:
