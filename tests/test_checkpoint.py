@@ -47,7 +47,7 @@ def test_failed_writer_leaves_previous_file_whole(tmp_path, monkeypatch):
         f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt.CheckpointError, match=f"cannot write x.pt in {tmp_path}: disk full"):
         ckpt.save(path, {"w": torch.zeros(5)})
     assert torch.equal(ckpt.load(path)["w"], torch.arange(5))
     assert os.listdir(tmp_path) == ["x.pt"]       # no temp file left behind

@@ -17,6 +17,7 @@ STAGES = {
     "audio_enc": ("train_audio_enc.py", "audio_enc", ["enc", "head"], "audio_stage_config"),
     "talker": ("train_talker.py", "talker", ["talker", "rvq"], "talker_stage_config"),
     "vision": ("train_vision.py", "vision", ["vit", "img_proj", "text_proj", "text_embed"], "vision_stage_config"),
+    "omni": ("sft_omni.py", "omni", ["thinker", "proj_a", "proj_v"], "omni_stage_config"),
 }
 
 
@@ -38,6 +39,14 @@ def vision_stage_config(demo_tiny):  # dropout and shift augmentation on
 @pytest.fixture
 def talker_stage_config(demo_tiny):  # dropout, EMA codebooks, dead-code restarts; codec -> Talker at step 6
     return lambda save_dir, **kw: talker_config(demo_tiny, save_dir, **kw)
+
+
+@pytest.fixture
+def omni_stage_config(trained_stages):  # the Thinker's dropout, and greedy QA answers in validation
+    def make(save_dir, **kw):
+        return {**trained_stages["E"], "save_dir": str(save_dir), "max_steps": 12, "checkpoint_freq": 3,
+                "keep_last_n": 10, **kw}
+    return make
 
 
 def run_stage(script, cfg, tmp_path, name, env=None):
