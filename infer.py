@@ -15,7 +15,7 @@ import torch
 
 from omni.config import UserError
 from omni.runtime import resolve_device
-from omni.training_utils import run_cli
+from omni.cli import run_cli
 
 OMNI_DIR, THINKER_DIR, TALKER_DIR = "checkpoints/omni_sft_tiny", "checkpoints/thinker_tiny", "checkpoints/talker_tiny"
 CHAT_HELP = ("type a question; '/image PATH question' or '/audio PATH' attach a picture or a spoken "
@@ -51,6 +51,27 @@ def default_model_dir() -> str:
                     "configs/thinker_tiny.json`)")
 
 
+def read_media(image_path: str | None, audio_path: str | None, image_size: int = 64):
+    """(image [3,S,S], 16 kHz waveform) of the given files, None where not given; UserError naming
+    the file and what is wrong with it (missing, empty, not an image or audio, damaged, silent)."""
+    from omni.data.audio import MelSpec, read_audio
+    from omni.data.image import read_image
+    from omni.data.manifest import SampleError
+    try:
+        return (read_image(image_path, image_size) if image_path else None,
+                read_audio(audio_path, MelSpec.sample_rate) if audio_path else None)
+    except SampleError as e:
+        raise UserError(str(e)) from None
+
+
+def check_inputs(args) -> None:
+    """Fail before a model loads on a blank --text / --say or an unusable --image / --audio file."""
+    for flag, value in (("--text", args.text), ("--say", args.say)):
+        if value is not None and not value.strip():
+            raise UserError(f"{flag} is empty: give the text (or leave {flag} out)")
+    read_media(args.image, args.audio)
+
+
 class Chat:
     """One loaded model answering questions: the Stage E omni model (text, image, speech) or a
     Stage A Thinker (text continuation only)."""
@@ -69,28 +90,15 @@ class Chat:
 
     def media(self, image_path: str | None, audio_path: str | None):
         """(image [3,S,S], log-mel [T, n_mels]) of the given files, None where not given."""
-        if (image_path or audio_path) and not self.is_omni:
+        if not (image_path or audio_path):
+            return None, None
+        image, wave = read_media(image_path, audio_path, self.image_size or 64)
+        if not self.is_omni:
             raise UserError("--image and --audio need the Stage E model: train it with `python -m omni.pipeline` "
                             "(or `python sft_omni.py --config configs/omni_sft_tiny.json`)")
-        from omni.data.manifest import SampleError
-        image = mel = None
-        try:
-            if image_path:
-                from omni.data.image import read_image
-                image = read_image(self._exists(image_path), self.image_size)
-            if audio_path:
-                from omni.data.audio import LogMel, MelSpec, read_audio
-                spec = MelSpec(n_mels=self.model.audio_encoder.arch.n_mels)
-                mel = LogMel(spec)(read_audio(self._exists(audio_path), spec.sample_rate))
-        except SampleError as e:       # an unreadable file
-            raise UserError(str(e)) from None
+        from omni.data.audio import LogMel, MelSpec
+        mel = None if wave is None else LogMel(MelSpec(n_mels=self.model.audio_encoder.arch.n_mels))(wave)
         return image, mel
-
-    @staticmethod
-    def _exists(path: str) -> str:
-        if not os.path.isfile(path):
-            raise UserError(f"file not found: {path}")
-        return path
 
     def answer(self, text: str, image_path: str | None = None, audio_path: str | None = None):
         """Yield the answer piece by piece as it is generated."""
@@ -127,8 +135,10 @@ def speak(args, text: str, device, speaker=None):
 def parse_chat_line(line: str) -> tuple[str, str | None, str | None]:
     """'/image PATH question' | '/audio PATH [question]' | 'question' -> (question, image, audio)."""
     for command in ("/image", "/audio"):
-        if line.startswith(command + " "):
-            path, _, question = line[len(command) + 1:].strip().partition(" ")
+        if line == command or line.startswith(command + " "):
+            path, _, question = line[len(command):].strip().partition(" ")
+            if not path:
+                raise UserError(f"{command} needs a file: {command} PATH [question]")
             return question.strip(), (path if command == "/image" else None), (path if command == "/audio" else None)
     return line, None, None
 
@@ -158,6 +168,7 @@ def interactive(chat: Chat, args, device) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    check_inputs(args)
     device = resolve_device(args.device)
     if args.say is not None:
         if not args.audio_out:

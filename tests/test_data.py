@@ -16,7 +16,8 @@ from omni.data.image import ImageCaptionDataset
 from omni.data.manifest import read_manifest
 from omni.data.sampler import sample_generator
 from omni.data.sft import SFTDataset, read_sft_manifest
-from omni.training_utils import SkipBadSamples, Stage, train
+from omni.stage import SkipBadSamples, Stage
+from omni.training_utils import train
 
 
 @pytest.fixture
@@ -80,7 +81,7 @@ def test_audio_is_resampled_to_log_mel_and_bad_samples_are_skipped(media, capsys
     assert "asr.jsonl line 2" in err and "asr.jsonl line 3: empty text" in err and "missing.wav" in err
     assert ds.lengths() == [101, 0, 26, 0, 26] and audio_frames(str(media / "a.wav"), MelSpec()) == 101
     batch, skipped = SkipBadSamples(lambda xs: [x["text"] for x in xs])(samples)
-    assert batch == ["la", "low"] and skipped == 3
+    assert batch == ["la", "low"] and len(skipped) == 3
 
 
 def test_strict_mode_names_file_and_line(media):

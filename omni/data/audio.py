@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from omni.data.manifest import ManifestDataset, SampleError
+from omni.data.manifest import ManifestDataset, SampleError, media_file
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,29 @@ class LogMel(torch.nn.Module):
         return torch.log(self.mel(wave) + 1e-5).transpose(-1, -2)
 
 
+# A clip whose loudest sample stays below -60 dBFS holds no speech: even a quiet recording peaks
+# far above that, while digital silence (a muted channel, a failed conversion) sits at 0. Every
+# consumer pairs a clip with the words it must carry (an ASR transcript, a TTS target, a spoken
+# question), so a silent clip would teach the models that silence means those words: it is a bad
+# sample, like an unreadable one.
+SILENCE_PEAK = 1e-3
+
+
 def read_audio(path: str, sample_rate: int) -> torch.Tensor:
-    """Mono float waveform at sample_rate; SampleError if it cannot be used."""
+    """Mono float waveform at sample_rate; SampleError saying why if the file cannot be used
+    (missing, empty, not audio, no samples, NaN/inf samples, or silent)."""
     try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
+        data, rate = sf.read(media_file(path), dtype="float32", always_2d=True)
     except sf.LibsndfileError as e:
         raise SampleError(f"{path}: unreadable audio ({e.error_string})") from None
     wave = torch.from_numpy(data).mean(dim=1)
-    if wave.numel() == 0 or not torch.isfinite(wave).all():
-        raise SampleError(f"{path}: empty or invalid audio")
+    if wave.numel() == 0:
+        raise SampleError(f"{path}: no audio samples")
+    if not torch.isfinite(wave).all():
+        raise SampleError(f"{path}: invalid audio (NaN or infinite samples)")
+    peak = float(wave.abs().max())
+    if peak < SILENCE_PEAK:
+        raise SampleError(f"{path}: silent audio (peak {peak:.1e} < {SILENCE_PEAK:g})")
     if rate != sample_rate:
         wave = torchaudio.functional.resample(wave, rate, sample_rate)
     return wave

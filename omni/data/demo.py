@@ -242,19 +242,9 @@ class _Builder:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress is cosmetic
-        enabled = False
-    if not enabled:
-        class _Null:
-            def update(self, n):
-                pass
-
-            def close(self):
-                pass
-        return _Null()
-    return tqdm(total=total, desc=desc, unit="clip", file=sys.stderr)
+    # stderr: stdout carries the CLI's JSON summary. A bar on a terminal, plain lines in a log.
+    from omni.logs import Progress
+    return Progress(total, desc, unit="clip", enabled=enabled, stream=sys.stderr)
 
 
 def _world_json(b: _Builder, size: str) -> dict:

@@ -7,17 +7,20 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
 
-from omni.data.manifest import ManifestDataset, SampleError
+from omni.data.manifest import ManifestDataset, SampleError, media_file
 
 
 def read_image(path: str, size: int) -> torch.Tensor:
-    """RGB float image [3, size, size] in [-1, 1]; SampleError if it cannot be decoded."""
+    """RGB float image [3, size, size] in [-1, 1]; SampleError saying why if it cannot be used
+    (missing, empty, not an image, damaged)."""
     # PIL decodes (torchvision's own decoders are deprecated in favour of torchcodec).
     try:
-        with Image.open(path) as im:
+        with Image.open(media_file(path)) as im:
             img = pil_to_tensor(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise SampleError(f"{path}: unreadable image ({type(e).__name__})") from None
+    except UnidentifiedImageError:
+        raise SampleError(f"{path}: not an image (PIL cannot identify it)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise SampleError(f"{path}: damaged image ({e})") from None
     img = img.float() / 127.5 - 1.0
     if img.shape[-2:] != (size, size):
         img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
