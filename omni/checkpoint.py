@@ -3,7 +3,9 @@
 The training core (training_utils.py) decides *what* goes into a checkpoint and *when*; this
 module owns *how* files are written, found and read. Contract (docs/checkpoints.md):
 
-  {prefix}_step_{N}.pt   every checkpoint_freq steps, newest keep_last_n kept
+  {prefix}_step_{N}.pt   every checkpoint_freq steps, newest keep_last_n kept (0: all)
+  {prefix}_archive_{N}.pt  a dropped step file at a multiple of archive_every, weights only
+                         (never resumed from; inference, inspect and --init_from load it)
   {prefix}_best.pt       lowest validation loss so far      (never cleaned up)
   {prefix}.pt            end of training                    (never cleaned up)
   config.json, training_state.json                          (plain JSON sidecars)
@@ -41,29 +43,62 @@ def atomic_write(path: str, write) -> None:
 
     `write(f)` fills a temporary file in the same folder; it is flushed and fsynced, then renamed
     over `path` (rename is atomic within one filesystem), and the folder entry is fsynced.
+    A disk that is full (or a folder that cannot be written) raises CheckpointError naming the
+    folder; the temporary file is removed and the file at `path`, if any, is untouched.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise CheckpointError(f"cannot write {os.path.basename(path)} in {folder}: {reason}; the files already "
+                              "there are untouched: free space and run the same command again") from None
+
+
+class _WriteErrors:
+    """A file wrapper that keeps the OSError a write raised: torch.save reports it as a RuntimeError
+    without errno ("unexpected pos ..."), which would hide a full disk behind a traceback."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def save(path: str, payload: dict) -> None:
-    atomic_write(path, lambda f: torch.save(payload, f))
+    def write(f):
+        out = _WriteErrors(f)
+        try:
+            torch.save(payload, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+    atomic_write(path, write)
 
 
 def write_json(path: str, data) -> None:
@@ -116,12 +151,33 @@ def step_files(save_dir: str, prefix: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def keep_last(save_dir: str, prefix: str, n: int) -> list[str]:
-    """Delete all but the newest n step checkpoints (best and final never match); return the removed."""
-    removed = [path for _, path in step_files(save_dir, prefix)[:-n]]
-    for path in removed:
+def archive_path(save_dir: str, prefix: str, step: int) -> str:
+    return os.path.join(save_dir, f"{prefix}_archive_{step}.pt")
+
+
+def archive(save_dir: str, prefix: str, step: int, path: str) -> str | None:
+    """Write the weights of step file `path` to its archive name; None when the file is unreadable
+    (a corrupt step file has nothing worth keeping)."""
+    try:
+        obj = load(path)
+    except CheckpointError:
+        return None
+    target = archive_path(save_dir, prefix, step)
+    save(target, slim(obj))
+    return target
+
+
+def keep_last(save_dir: str, prefix: str, n: int, archive_every: int = 0) -> list[str]:
+    """Delete all but the newest n step checkpoints (n = 0 keeps all; best and final never match);
+    return the removed. A removed one at a multiple of `archive_every` steps is first archived."""
+    removed = step_files(save_dir, prefix)[:-n] if n > 0 else []
+    for step, path in removed:
+        # The archive is written (atomically) before the step file goes: a crash in between
+        # leaves both, and the next cleanup archives it again.
+        if archive_every and step % archive_every == 0:
+            archive(save_dir, prefix, step, path)
         os.unlink(path)
-    return removed
+    return [path for _, path in removed]
 
 
 def kind_of(obj) -> str:

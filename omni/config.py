@@ -46,15 +46,26 @@ class TrainConfig:
     grad_clip: float = 1.0             # 0 turns clipping off
     eval_interval: int = positive(100)
     eval_batches: int = non_negative(0)   # 0 = the whole validation set
-    checkpoint_freq: int = positive(100)
-    keep_last_n: int = positive(3)
+    checkpoint_freq: int = non_negative(100)  # a {prefix}_step_N.pt every N steps; 0 = only best and final
+    keep_last_n: int = non_negative(3)      # newest step files kept; 0 = keep every one
+    archive_every: int = non_negative(0)    # step files at multiples of N outlive keep_last_n, slimmed
+                                            # to weights as {prefix}_archive_N.pt; 0 = off
     log_interval: int = positive(10)
+    log_to: list[str] = field(default_factory=lambda: ["jsonl"],
+                              metadata={"choices": ("jsonl", "tensorboard")})
+                                            # metrics.jsonl always; "tensorboard" mirrors it in save_dir/tb
     save_dir: str = "checkpoints/run"
     num_workers: int = non_negative(0)
     strict_data: bool = False          # a bad sample is an error instead of being skipped
     demo_dir: str = ""                 # data files missing under this folder -> build the demo world
     demo_size: str = choice("small", "tiny", "medium")
-    progress: bool = True              # tqdm bar (only on a terminal)
+    progress: bool = True              # tqdm bar on a terminal, else a plain line every 10 % / 30 s
+
+    def __post_init__(self):
+        if self.archive_every and (not self.checkpoint_freq or self.archive_every % self.checkpoint_freq):
+            raise UserError(f"config key 'archive_every': must be a multiple of checkpoint_freq "
+                            f"({self.checkpoint_freq}) so that archived steps have step files, "
+                            f"got {self.archive_every}")
 
 
 _SCALARS = (bool, int, float, str)

@@ -13,7 +13,7 @@ import os
 from omni import checkpoint as ckpt
 from omni.config import UserError
 from omni.inference import read_export
-from omni.training_utils import run_cli
+from omni.cli import run_cli
 
 
 def describe(path: str) -> dict:

@@ -62,5 +62,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from omni.training_utils import run_cli
+    from omni.cli import run_cli
     run_cli(main)

@@ -1,133 +1,28 @@
-"""The shared training core: one loop, checkpoints, resume, AMP, LR schedule, logging.
+"""The shared training core: one loop, checkpoints, resume, AMP, LR schedule.
 
-A stage (omni/stages/*.py) subclasses `Stage` and supplies what differs: its modules (saved under
+A stage (omni/stages/*.py) subclasses `Stage` (omni/stage.py) and supplies what differs: its modules (saved under
 their weight keys), datasets, batches and loss, and any extra validation metrics. Everything
 else lives here once: see docs/training.md for the contract this file keeps.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, default_collate
-from tqdm import tqdm
 
 from omni import checkpoint as ckpt
-from omni.config import TrainConfig, UserError, config_dict, load_config
-from omni.data.sampler import ResumableBatchSampler, ShuffledBatches, mix_seed
+from omni import resume_policy
+from omni.cli import run_cli
+from omni.config import UserError, config_dict, load_config
+from omni.data.sampler import ResumableBatchSampler, mix_seed
+from omni.logs import MetricsLog, Progress, log, summary_writer_class
 from omni.runtime import Runtime, setup_runtime, teardown
-
-
-# ----------------------------------------------------------------------------- stages
-class Stage:
-    """What one training stage supplies to the shared loop. Subclasses set the class attributes
-    and fill `modules`, `train_data` and `val_data` in `setup()`."""
-    prefix = "model"                 # checkpoint file prefix
-    weight_keys = ("model",)         # the keys of `modules` that inference needs
-    config_class = TrainConfig
-    make_command = ""                # the command that trains this stage (for error messages)
-
-    def __init__(self, cfg, rt: Runtime):
-        self.cfg, self.rt = cfg, rt
-        self.modules: dict[str, torch.nn.Module] = {}   # weight key -> module, all saved
-        self.train_data = self.val_data = None
-
-    def setup(self) -> None:
-        raise NotImplementedError
-
-    def batch_plan(self):
-        return ShuffledBatches(len(self.train_data), self.cfg.batch_size, self.cfg.seed)
-
-    def collate(self, samples):
-        return default_collate(samples)
-
-    def loss(self, batch) -> tuple[torch.Tensor, dict]:
-        """Mean loss of a batch, and metrics to log (numbers; keys 'n_*' are counts summed into rates)."""
-        raise NotImplementedError
-
-    def evaluate(self) -> dict:
-        """Validation metrics; must hold 'val_loss', which decides the best checkpoint."""
-        return {"val_loss": self.mean_loss(self.val_data)}
-
-    # Helpers for stages -----------------------------------------------------------
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
-
-    def eval_batches(self, dataset):
-        """This rank's share of the validation set, in order, as device batches."""
-        b, n = self.cfg.batch_size, len(dataset)
-        batches = [[(i, 0) for i in range(s, min(s + b, n))] for s in range(0, n, b)]
-        if self.cfg.eval_batches:
-            batches = batches[:self.cfg.eval_batches]
-        loader = make_loader(dataset, batches[self.rt.rank::self.rt.world_size], self, workers=0)
-        for batch, _ in loader:
-            if batch is not None:
-                yield to_device(batch, self.rt.device)
-
-    def mean_loss(self, dataset) -> float:
-        total = count = 0.0
-        for batch in self.eval_batches(dataset):
-            with self.rt.autocast():
-                loss, _ = self.loss(batch)
-            n = batch_size_of(batch)
-            total, count = total + loss.item() * n, count + n
-        total, count = self.rt.sum([total, count])
-        return total / max(count, 1)
-
-
-def batch_size_of(batch) -> int:
-    """Samples in a batch: a tensor's first dimension, a dict's or tuple's first entry's, a list's length."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        return batch_size_of(next(iter(batch.values())))
-    return batch_size_of(batch[0]) if isinstance(batch, tuple) else len(batch)
-
-
-def to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-class SkipBadSamples:
-    """Collate that drops samples a dataset returned as None and reports how many it dropped."""
-
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __call__(self, samples):
-        good = [s for s in samples if s is not None]
-        return (self.collate(good) if good else None), len(samples) - len(good)
-
-
-def ignore_stop_signals(_worker_id: int) -> None:
-    # A SIGTERM sent to the whole process group (pkill, a scheduler pre-empting the job) or Ctrl-C
-    # must reach only the main process, which saves and exits; a worker killed by it would make the
-    # main process fail before it can save.
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
-
-
-def make_loader(dataset, batch_sampler, stage: Stage, workers: int | None = None) -> DataLoader:
-    workers = stage.cfg.num_workers if workers is None else workers
-    # A private generator: creating a loader must not draw from the global RNG, or a resumed run
-    # (which creates its loader at another point) would diverge from an uninterrupted one.
-    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=SkipBadSamples(stage.collate),
-                      num_workers=workers, pin_memory=stage.rt.device.type == "cuda",
-                      worker_init_fn=ignore_stop_signals if workers else None,
-                      generator=torch.Generator().manual_seed(stage.cfg.seed))
+from omni.stage import Stage, make_loader, to_device
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -191,14 +86,24 @@ class Trainer:
             "max_steps": self.cfg.max_steps, "finished": self.step >= self.cfg.max_steps})
 
     def load_weights(self, obj, source: str) -> None:
-        for key, sd in ckpt.weights_of(obj, list(self.stage.modules), source).items():
+        keys = list(self.stage.modules)
+        if ckpt.kind_of(obj) != "legacy" and not set(keys) <= set(obj):
+            theirs = sorted(k for k in obj if k not in ckpt.NON_WEIGHT_KEYS)
+            raise ckpt.CheckpointError(f"{source}: not a {self.stage.prefix} checkpoint: it holds weights "
+                                       f"{theirs}, this stage needs {keys}")
+        for key, sd in ckpt.weights_of(obj, keys, source).items():
             try:
                 self.stage.modules[key].load_state_dict(sd)
             except RuntimeError as e:
-                first = str(e).strip().splitlines()[0]
-                raise ckpt.CheckpointError(f"{source}: weights '{key}' do not fit this config: {first}") from None
+                # the first line only names the module; the second says which names or shapes differ
+                lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+                detail = " ".join(lines[:2])
+                detail = detail if len(detail) <= 240 else detail[:237] + "..."
+                raise ckpt.CheckpointError(f"{source}: weights '{key}' do not fit this config: {detail}") from None
 
     def restore(self, obj, source: str) -> None:
+        changes = resume_policy.config_changes(obj.get("config", {}), self.cfg)
+        resume_policy.refuse_data_order_changes(changes, source)
         self.load_weights(obj, source)
         try:
             self.optimizer.load_state_dict(obj["optimizer"])
@@ -208,12 +113,26 @@ class Trainer:
         if self.scaler is not None and "scaler" in obj:
             self.scaler.load_state_dict(obj["scaler"])
         self.step, self.best_val_loss = int(obj["step"]), float(obj["best_val_loss"])
+        self.rebuild_schedule()
         data = obj.get("data_state", {})
         self.batches_taken = int(data.get("batches", self.step * self.cfg.grad_accum_steps))
         rt = self.stage.rt
+        if changes:
+            log(rt, f"resuming with config changes: {resume_policy.describe(changes, self.step)}")
         if not rt.restore_rng(obj.get("rng", [])) or data.get("batch_size") != self.cfg.batch_size:
             log(rt, f"warning: {source} came from another batch size or world size; "
                     "the run continues, but not exactly as an uninterrupted run would")
+
+    def rebuild_schedule(self) -> None:
+        """Learning rates and weight decay from this config at the restored step. The restored
+        optimizer and scheduler hold the old run's lr and weight decay; unchanged keys give back
+        the very same values (the scheduler computes lr the same way: base_lr * factor(step))."""
+        factor, groups = warmup_cosine(self.cfg), self.optimizer.param_groups
+        self.scheduler.base_lrs = [self.cfg.lr] * len(groups)
+        for group in groups:
+            group["initial_lr"], group["lr"] = self.cfg.lr, self.cfg.lr * factor(self.scheduler.last_epoch)
+        groups[0]["weight_decay"] = self.cfg.weight_decay     # groups[1] holds gains and biases: no decay
+        self.scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def _json_float(x: float):
@@ -228,6 +147,10 @@ def find_resume_checkpoint(save_dir: str, prefix: str, resume_step: int | None, 
     """
     if resume_step is not None:
         path = ckpt.step_path(save_dir, prefix, resume_step)
+        if not os.path.isfile(path):
+            steps = ", ".join(str(step) for step, _ in ckpt.step_files(save_dir, prefix)) or "none"
+            raise ckpt.CheckpointError(f"--resume_step {resume_step}: {os.path.basename(path)} not found in {save_dir} "
+                                       f"(step files there: {steps})")
         return path, ckpt.load(path)
     candidates = [(step, path, None) for step, path in ckpt.step_files(save_dir, prefix)]
     final = ckpt.final_path(save_dir, prefix)
@@ -252,30 +175,8 @@ def find_resume_checkpoint(save_dir: str, prefix: str, resume_step: int | None, 
     return None
 
 
-# ----------------------------------------------------------------------------- logging
-def log(rt: Runtime, message: str) -> None:
-    if rt.is_main:
-        tqdm.write(message, file=sys.stdout)
-        sys.stdout.flush()
-
-
-class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl. On resume, lines past the resumed step
-    (written by the run that was cut off) are dropped so the curves have no duplicates."""
-
-    def __init__(self, path: str, resumed_step: int, active: bool):
-        self.path, self.active = path, active
-        if active and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
-            ckpt.atomic_write(path, lambda f: f.write("".join(kept).encode()))
-
-    def write(self, record: dict) -> None:
-        if self.active:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-
+# ----------------------------------------------------------------------------- signals
+# (logging, metrics.jsonl, TensorBoard and progress live in omni/logs.py)
 class StopSignals:
     """SIGTERM / Ctrl-C ask the loop to save and exit at the end of the current step.
     A second Ctrl-C stops at once."""
@@ -328,6 +229,8 @@ def build_trainer(stage: Stage, opts: ResumeOptions) -> Trainer:
 
 def train(stage_class, cfg, opts: ResumeOptions = ResumeOptions()) -> int:
     """Train a stage to cfg.max_steps; returns the process exit status."""
+    if "tensorboard" in cfg.log_to:
+        summary_writer_class()      # a missing package stops the run before a long setup, not after
     rt = setup_runtime(cfg)
     try:
         if rt.is_main:
@@ -345,15 +248,19 @@ def train(stage_class, cfg, opts: ResumeOptions = ResumeOptions()) -> int:
 def train_step(trainer: Trainer, batches) -> dict:
     """One optimizer step over grad_accum_steps micro-batches; returns the averaged metrics."""
     stage, cfg, rt = trainer.stage, trainer.cfg, trainer.stage.rt
-    sums, skipped = {}, 0
+    sums, skipped = {}, []
     for _ in range(cfg.grad_accum_steps):
         batch, bad = next(batches)
         trainer.batches_taken += 1
         skipped += bad
+        run = len(bad)
         while batch is None:           # every sample of the batch was bad: take the next one
+            if run >= 2 * len(stage.train_data):    # two epochs' worth: there is no usable sample
+                raise UserError(f"no usable training sample in {run} tries (e.g. {bad[-1]})")
             batch, bad = next(batches)
             trainer.batches_taken += 1
             skipped += bad
+            run += len(bad)
         with rt.autocast():
             loss, metrics = stage.loss(to_device(batch, rt.device))
         scaled = loss / cfg.grad_accum_steps
@@ -387,6 +294,13 @@ def validate(trainer: Trainer) -> dict:
         metrics = stage.evaluate()
     for m in stage.modules.values():
         m.train()
+    # Validation runs in this process, so the datasets know every bad sample it met (each named once).
+    bad = [len(getattr(d, "bad_records", ())) for d in (stage.val_data, getattr(stage, "test_data", None))]
+    bad_val, bad_all = stage.rt.sum([float(bad[0]), float(sum(bad))])
+    if bad_all:
+        metrics["skipped_samples"] = int(bad_all)
+    if stage.val_data is not None and bad_val >= len(stage.val_data):   # nothing validated: no figure, no best
+        metrics["val_loss"] = float("nan")
     return metrics
 
 
@@ -399,24 +313,24 @@ def run_loop(trainer: Trainer) -> int:
         if not os.path.isfile(final):
             trainer.save(final)
         return 0
+    metrics_log = MetricsLog(save_dir, trainer.step, rt.is_main, cfg.log_to)
     sampler = ResumableBatchSampler(stage.batch_plan(), trainer.batches_taken, rt.rank, rt.world_size)
     batches = iter(make_loader(stage.train_data, sampler, stage))
-    metrics_log = MetricsLog(os.path.join(save_dir, "metrics.jsonl"), trainer.step, rt.is_main)
     stop = StopSignals()
-    bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc=prefix, dynamic_ncols=True,
-               disable=True if not (rt.is_main and cfg.progress) else None)
-    window, window_start, skipped_total = {}, time.perf_counter(), 0
+    progress = Progress(cfg.max_steps, prefix, initial=trainer.step, enabled=rt.is_main and cfg.progress)
+    window, window_start, skipped_total, skipped_examples = {}, time.perf_counter(), 0, []
     for m in stage.modules.values():
         m.train()
     try:
         while trainer.step < cfg.max_steps:
             metrics = train_step(trainer, batches)
-            skipped_total += metrics.pop("skipped_samples")
+            dropped = metrics.pop("skipped_samples")
+            skipped_total += len(dropped)
+            skipped_examples = list(dict.fromkeys(skipped_examples + dropped))[:3]
             for key, value in metrics.items():
                 window[key] = window.get(key, 0.0) + value
             window["steps"] = window.get("steps", 0) + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            progress.update(1, loss=f"{metrics['loss']:.4f}")
             step = trainer.step
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
                 metrics_log.write(summarize(window, time.perf_counter() - window_start, step,
@@ -432,10 +346,12 @@ def run_loop(trainer: Trainer) -> int:
                     trainer.best_val_loss = val["val_loss"]
                     trainer.save(ckpt.best_path(save_dir, prefix))
             stopping = stop_requested(stop, rt)
-            if step % cfg.checkpoint_freq == 0 or (stopping and step < cfg.max_steps):
+            # checkpoint_freq 0: no periodic step files, but a stop still saves one (nothing is lost)
+            on_grid = cfg.checkpoint_freq > 0 and step % cfg.checkpoint_freq == 0
+            if on_grid or (stopping and step < cfg.max_steps):
                 trainer.save(ckpt.step_path(save_dir, prefix, step))
                 if rt.is_main:
-                    ckpt.keep_last(save_dir, prefix, cfg.keep_last_n)
+                    ckpt.keep_last(save_dir, prefix, cfg.keep_last_n, cfg.archive_every)
             if stopping and step < cfg.max_steps:
                 name = signal.Signals(stop.signum).name
                 log(rt, f"{prefix}: stopped by {name} at step {step}; checkpoint saved; "
@@ -443,10 +359,15 @@ def run_loop(trainer: Trainer) -> int:
                 return 128 + stop.signum
     finally:
         stop.restore()
-        bar.close()
+        progress.close()
+        metrics_log.close()
+        # On an error the traceback keeps the loader alive until exit, when multiprocessing would
+        # SIGTERM its workers, which ignore that signal (ignore_stop_signals): stop them now.
+        getattr(batches, "_shutdown_workers", lambda: None)()
     trainer.save(final)
     if skipped_total:
-        log(rt, f"{prefix}: skipped {skipped_total} bad samples (set strict_data=true to stop on them)")
+        log(rt, f"{prefix}: skipped {skipped_total} bad samples, e.g. {'; '.join(skipped_examples)} "
+                "(set strict_data=true to stop on them)")
     log(rt, f"{prefix}: finished {cfg.max_steps} steps; best val_loss {trainer.best_val_loss:.4f}; "
             f"checkpoints in {save_dir}")
     return 0
@@ -470,26 +391,6 @@ def stop_requested(stop: StopSignals, rt: Runtime) -> bool:
 
 
 # ----------------------------------------------------------------------------- command line
-def one_line(error: Exception) -> str:
-    """The user-facing line of an error; errors re-raised from DataLoader workers carry a
-    traceback in their message, whose last line is the original message."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else type(error).__name__
-    if len(lines) > 1 and ": " in last and last.split(": ", 1)[0].endswith("Error"):
-        last = last.split(": ", 1)[1]
-    return last
-
-
-def run_cli(main) -> None:
-    """Run `main()`, turning a UserError into one line on stderr and exit status 2."""
-    try:
-        code = main()
-    except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code or 0)
-
-
 def trainer_main(stage_class, argv=None) -> None:
     """The command line every trainer shares (see DESIGN.md, command-line conventions)."""
     parser = argparse.ArgumentParser(description=f"Train the {stage_class.prefix} stage.")
