@@ -139,9 +139,13 @@ def _json_float(x: float):
     return x if math.isfinite(x) else None
 
 
-def find_resume_checkpoint(save_dir: str, prefix: str, resume_step: int | None, rt: Runtime):
+def find_resume_checkpoint(save_dir: str, prefix: str, resume_step: int | None, rt: Runtime,
+                           include_best: bool = False):
     """(path, payload) of the newest loadable checkpoint, or None when there is none at all.
 
+    Candidates are the step files and the final file when it is a full checkpoint; with
+    include_best (checkpoint_freq 0, so no step files) the best file too: it holds the whole state
+    of its step, so the run repeats the steps after it exactly instead of starting over.
     A truncated, corrupt or unsafe file is reported and skipped; if every file fails, that is
     an error: starting over silently would overwrite the run.
     """
@@ -153,12 +157,12 @@ def find_resume_checkpoint(save_dir: str, prefix: str, resume_step: int | None, 
                                        f"(step files there: {steps})")
         return path, ckpt.load(path)
     candidates = [(step, path, None) for step, path in ckpt.step_files(save_dir, prefix)]
-    final = ckpt.final_path(save_dir, prefix)
-    if os.path.isfile(final):
+    whole = [ckpt.final_path(save_dir, prefix)] + ([ckpt.best_path(save_dir, prefix)] if include_best else [])
+    for path in filter(os.path.isfile, whole):
         try:
-            obj = ckpt.load(final)
+            obj = ckpt.load(path)
             if ckpt.kind_of(obj) == "full":
-                candidates.append((int(obj["step"]), final, obj))
+                candidates.append((int(obj["step"]), path, obj))
         except ckpt.CheckpointError as e:
             log(rt, f"warning: skipping {e}")
     failures = []
@@ -220,7 +224,8 @@ def build_trainer(stage: Stage, opts: ResumeOptions) -> Trainer:
         trainer.load_weights(ckpt.load(opts.init_from), opts.init_from)
         log(rt, f"initialised weights from {opts.init_from}; fresh optimizer at step 0")
     elif opts.resume or opts.resume_step is not None:
-        found = find_resume_checkpoint(cfg.save_dir, stage.prefix, opts.resume_step, rt)
+        found = find_resume_checkpoint(cfg.save_dir, stage.prefix, opts.resume_step, rt,
+                                       include_best=cfg.checkpoint_freq == 0)
         if found:
             trainer.restore(found[1], found[0])
             log(rt, f"resumed from {found[0]} at step {trainer.step}")

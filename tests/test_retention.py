@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import load_pt, run_script, thinker_config, write_config
+from conftest import assert_same_state, load_pt, run_script, thinker_config, write_config
 from omni import checkpoint as ckpt
 from omni.config import UserError, build_config, config_dict
 from omni.inspect import describe
@@ -97,15 +97,23 @@ def test_checkpoint_freq_zero_writes_only_best_and_final_and_a_stop_still_saves(
     assert proc.returncode == 143 and "stopped by SIGTERM at step 5" in proc.stdout
     assert pt_files(cfg["save_dir"]) == ["thinker_best.pt", "thinker_step_5.pt"]
 
-    # SIGKILL: the run restarts from the newest full step file, here the one the SIGTERM left
+    # SIGKILL: the run restarts from the newest full file: the step file the SIGTERM left, or the
+    # best file when a validation after it improved (best files hold the whole state of their step)
     proc = run_script("train_text.py", "--config", path, runner=True, env={"OMNI_TEST_KILL_AT_STEP": "8"})
     assert proc.returncode == -9 and "thinker_step_5.pt at step 5" in proc.stdout
+    best_step = load_pt(os.path.join(cfg["save_dir"], "thinker_best.pt"))["step"]
+    assert best_step in (4, 8)             # validations at steps 4 and 8
+    newest = "thinker_best.pt at step 8" if best_step == 8 else "thinker_step_5.pt at step 5"
     proc = run_script("train_text.py", "--config", path, runner=True)
-    assert proc.returncode == 0 and "thinker_step_5.pt at step 5" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and newest in proc.stdout, proc.stdout + proc.stderr
     assert pt_files(cfg["save_dir"]) == ["thinker.pt", "thinker_best.pt", "thinker_step_5.pt"]
     with open(os.path.join(cfg["save_dir"], "metrics.jsonl")) as f:
         steps = [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
     assert steps == list(range(1, 11))
+    whole = thinker_config(corpus, tmp_path / "whole", checkpoint_freq=0, max_steps=10)
+    assert train(TextStage, build_config(TextConfig, whole)) == 0      # never interrupted: same weights
+    assert_same_state(load_pt(os.path.join(cfg["save_dir"], "thinker.pt")),
+                      load_pt(os.path.join(whole["save_dir"], "thinker.pt")), ["model", "optimizer"])
 
     fresh = thinker_config(corpus, tmp_path / "fresh", checkpoint_freq=0, max_steps=6)
     assert train(TextStage, build_config(TextConfig, fresh)) == 0
