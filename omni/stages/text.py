@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
-from omni.config import TrainConfig, UserError
+from omni.config import TrainConfig, UserError, positive
 from omni.data.common import require_files
-from omni.data.text import TokenWindows, encode_documents, perplexity, read_lines, unigram_entropy
+from omni.data.shards import TOKENS_DIR, Lines, open_split
+from omni.data.text import TokenWindows, perplexity
 from omni.thinker import Thinker, ThinkerArch
 from omni.tokenizer import Tokenizer
 from omni.logs import log
@@ -25,6 +26,8 @@ class TextConfig(TrainConfig, ThinkerArch):
     val_fraction: float = 0.05
     seq_len: int = 128                  # training window; at most max_seq_len
     tokenizer_model: str = ""           # an existing SentencePiece model to use instead of training one
+    tokenizer_sample_bytes: int = positive(100_000_000)  # a larger corpus trains the tokenizer on a sample
+    token_shard_size: int = positive(2**26)   # token ids per file in save_dir/tokens (128 MB as uint16)
 
 
 def prepare_tokenizer(cfg, rt) -> Tokenizer:
@@ -36,8 +39,11 @@ def prepare_tokenizer(cfg, rt) -> Tokenizer:
                 raise UserError(f"config key 'tokenizer_model': file not found: {cfg.tokenizer_model}")
             shutil.copyfile(cfg.tokenizer_model, path)
         else:
-            log(rt, f"training a {cfg.vocab_size}-piece BPE tokenizer on {', '.join(cfg.train_files)}")
-            Tokenizer.train(cfg.train_files, path, cfg.vocab_size)
+            size = sum(os.path.getsize(p) for p in cfg.train_files)
+            sample = f" (a {cfg.tokenizer_sample_bytes / 1e6:g} MB sample of {size / 1e6:.4g} MB)" \
+                if size > cfg.tokenizer_sample_bytes else ""
+            log(rt, f"training a {cfg.vocab_size}-piece BPE tokenizer on {', '.join(cfg.train_files)}{sample}")
+            Tokenizer.train(cfg.train_files, path, cfg.vocab_size, cfg.tokenizer_sample_bytes)
     rt.barrier()
     tokenizer = Tokenizer(path)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -62,23 +68,25 @@ class TextStage(Stage):
                  "val_file": [cfg.val_file] if cfg.val_file else []}
         require_files(cfg, files, self.rt)
         self.tokenizer = prepare_tokenizer(cfg, self.rt)
-        train_lines = [line for path in cfg.train_files for line in read_lines(path)] if read_train else []
-        if cfg.val_file:
-            val_lines = read_lines(cfg.val_file)
-        else:   # every k-th line, so the held-out part spans the whole corpus
-            k = max(2, round(1 / cfg.val_fraction))
-            train_lines, val_lines = ([x for i, x in enumerate(train_lines) if i % k != k - 1],
-                                      train_lines[k - 1::k])
-        val_tokens = encode_documents(self.tokenizer, val_lines)
+        # Without val_file, every k-th line of the training files is held out, so it spans the corpus.
+        k = 0 if cfg.val_file else max(2, round(1 / cfg.val_fraction))
+        val_lines = Lines((cfg.val_file,)) if cfg.val_file else Lines(tuple(cfg.train_files), k, "val")
+        val_tokens = self.token_stream("val", val_lines)
         self.val_data = TokenWindows(val_tokens, cfg.seq_len, None, cfg.val_file or "validation text")
         self.unigram = None
         if not self.evaluation_only:
-            train_tokens = encode_documents(self.tokenizer, train_lines)
+            train_tokens = self.token_stream("train", Lines(tuple(cfg.train_files), k, "train"))
             self.train_data = TokenWindows(train_tokens, cfg.seq_len, cfg.seed, "training text")
-            self.unigram = unigram_entropy(train_tokens, cfg.vocab_size)
+            self.unigram = train_tokens.unigram_entropy
             log(self.rt, f"thinker: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens; "
                          f"unigram entropy {self.unigram:.3f} nats/token (the loss to beat)")
         self.modules = {"model": Thinker(ThinkerArch.from_config(cfg))}
+
+    def token_stream(self, split: str, lines: Lines):
+        """The split's tokens, memory-mapped from save_dir/tokens (tokenized there at the first start)."""
+        folder = os.path.join(self.cfg.save_dir, TOKENS_DIR)
+        return open_split(self.tokenizer, split, lines, folder, self.cfg.token_shard_size, self.rt,
+                          progress=self.cfg.progress)
 
     def loss(self, batch):
         logits = self.modules["model"](batch[:, :-1])
