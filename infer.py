@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens (0 = all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p.parse_args(argv)
 
 
@@ -51,14 +51,14 @@ def default_model_dir() -> str:
                     "configs/thinker_tiny.json`)")
 
 
-def read_media(image_path: str | None, audio_path: str | None, image_size: int = 64):
+def read_media(image_path: str | None, audio_path: str | None, image_size: int = 64, resize: str = "squash"):
     """(image [3,S,S], 16 kHz waveform) of the given files, None where not given; UserError naming
     the file and what is wrong with it (missing, empty, not an image or audio, damaged, silent)."""
     from omni.data.audio import MelSpec, read_audio
     from omni.data.image import read_image
     from omni.data.manifest import SampleError
     try:
-        return (read_image(image_path, image_size) if image_path else None,
+        return (read_image(image_path, image_size, resize) if image_path else None,
                 read_audio(audio_path, MelSpec.sample_rate) if audio_path else None)
     except SampleError as e:
         raise UserError(str(e)) from None
@@ -83,16 +83,17 @@ class Chat:
         if prefix == "omni":
             self.model, config = load_omni(ckpt_dir, device)
             self.tokenizer, self.image_size = self.model.tok, config.get("image_size", 64)
+            self.image_resize = config.get("image_resize", "squash")     # as Stage E read its images
         else:       # load_thinker names the folder and the command when nothing is there
             self.model, self.tokenizer = load_thinker(ckpt_dir, device)
-            self.image_size = None
+            self.image_size, self.image_resize = None, "squash"
         self.is_omni = prefix == "omni"
 
     def media(self, image_path: str | None, audio_path: str | None):
         """(image [3,S,S], log-mel [T, n_mels]) of the given files, None where not given."""
         if not (image_path or audio_path):
             return None, None
-        image, wave = read_media(image_path, audio_path, self.image_size or 64)
+        image, wave = read_media(image_path, audio_path, self.image_size or 64, self.image_resize)
         if not self.is_omni:
             raise UserError("--image and --audio need the Stage E model: train it with `python -m omni.pipeline` "
                             "(or `python sft_omni.py --config configs/omni_sft_tiny.json`)")

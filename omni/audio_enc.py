@@ -4,14 +4,13 @@ Public API used by later stages (SFT, Talker):
   load_audio_encoder(ckpt_dir, device) -> AudioEncoder   forward(mel [B,T,n_mels], mask [B,T]) -> (hidden, mask')
   load_asr(ckpt_dir, device) -> ASR                      transcribe(waves) -> list[str]
 
-CTC character set (index 0 is the CTC blank):
-  1 = space, 2 = apostrophe, 3..28 = a..z
-Text is normalised before training and scoring: lowercased, '-' and whitespace become single
-spaces, any other character outside the set is dropped.
+CTC labels (index 0 is the CTC blank): the characters of the `charset` config key get ids 1..n.
+Stage B fills it from its training transcripts (omni/data/transcripts.py: normalisation, and
+characters outside the set dropped and counted); a checkpoint saved before the key existed has
+none and gets the fixed set it was trained with, CHARSET (space, apostrophe, a..z).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -20,26 +19,31 @@ import torch.nn as nn
 from omni.config import arch_from_config
 from omni.data.audio import LogMel, MelSpec
 from omni.data.common import pad_stack
+from omni.data.transcripts import LEGACY_ASR_CHARS, Charset, normalize_transcript
 from omni.layers import Transformer
 
 BLANK = 0
-CHARSET = " '" + "abcdefghijklmnopqrstuvwxyz"     # id = position + 1
+CHARSET = LEGACY_ASR_CHARS                 # the set of checkpoints without a `charset` key
 VOCAB_SIZE = len(CHARSET) + 1
-_CHAR_ID = {c: i + 1 for i, c in enumerate(CHARSET)}
+_LEGACY = Charset(CHARSET)
 
 
 # ----------------------------------------------------------------------------- text <-> ids
-def normalize_text(text: str) -> str:
-    text = re.sub(r"[\s\-]+", " ", text.lower())
-    return " ".join("".join(c for c in text if c in _CHAR_ID).split())
+def charset_of(arch) -> Charset:
+    """The CTC character set of an architecture (the legacy set when its `charset` is empty)."""
+    return Charset(arch.charset) if arch.charset else _LEGACY
+
+
+normalize_text = normalize_transcript
 
 
 def text_to_ids(text: str) -> list[int]:
-    return [_CHAR_ID[c] for c in normalize_text(text)]
+    """Labels in the legacy set (a trained model's own set: `ASR.charset.encode`)."""
+    return _LEGACY.encode(text)
 
 
 def ids_to_text(ids) -> str:
-    return "".join(CHARSET[i - 1] for i in ids if 0 < i <= len(CHARSET))
+    return _LEGACY.decode(ids)
 
 
 def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
@@ -68,6 +72,7 @@ class AudioEncArch:
     downsample: int = 4        # time reduction of the conv front end: 1, 2, 4, 8, ...
     dropout: float = 0.1
     max_positions: int = 4096  # rotary table length, in downsampled frames (164 s at 4x)
+    charset: str = ""          # CTC characters; "": the stage fills it from the training transcripts
 
     from_config = classmethod(arch_from_config)   # the architecture keys of a stage config
 
@@ -130,7 +135,8 @@ class ASR(nn.Module):
         super().__init__()
         self.spec = spec or MelSpec(n_mels=arch.n_mels)
         self.enc = AudioEncoder(arch)
-        self.head = nn.Linear(arch.d_model, VOCAB_SIZE)
+        self.charset = charset_of(arch)
+        self.head = nn.Linear(arch.d_model, len(self.charset) + 1)
         self.logmel = LogMel(self.spec)
 
     def forward(self, mel, mask):
@@ -147,7 +153,7 @@ class ASR(nn.Module):
             mels = [self.logmel(w.float().to(device)) for w in waves[start:start + batch_size]]
             mel, mask = pad_stack(mels)
             log_probs, mask = self(mel.to(device), mask.to(device))
-            out += [ids_to_text(ids) for ids in ctc_greedy_decode(log_probs, mask.sum(dim=1))]
+            out += [self.charset.decode(ids) for ids in ctc_greedy_decode(log_probs, mask.sum(dim=1))]
         return out
 
 

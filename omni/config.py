@@ -34,7 +34,7 @@ def non_negative(default):
 class TrainConfig:
     """Keys every stage shares. Stages subclass this and add their model and data keys."""
     seed: int = 0
-    device: str = choice("auto", "cpu", "cuda")
+    device: str = choice("auto", "cpu", "cuda", "mps")   # auto: CUDA, else Apple's MPS, else the CPU
     amp: str = choice("off", "bf16", "fp16")
     batch_size: int = positive(16)
     grad_accum_steps: int = positive(1)

@@ -67,8 +67,10 @@ def is_finished(run: StageRun, resolved: dict) -> bool:
     # A key added to the suite after this run was trained counts as unchanged at its default.
     defaults = config_dict(stage_class(run.letter).config_class())
     trained = {**{k: v for k, v in defaults.items() if k not in trained}, **trained}
-    # An empty list is filled in by the stage from its data (Stage C's caption vocabulary).
-    same = trained.keys() == resolved.keys() and all(v in ([], trained[k]) for k, v in resolved.items())
+    # An empty value is filled in by the stage from its data (Stage C's caption vocabulary, the
+    # character set of Stages B and D).
+    same = trained.keys() == resolved.keys() and all(
+        v in ([], trained[k]) or (k == "charset" and v == "") for k, v in resolved.items())
     if not same:
         print(f"stage {run.letter}: the config differs from the finished run in {run.save_dir}; "
               "its trainer decides (raise max_steps to train on, or use a new save_dir to start over)")

@@ -75,6 +75,8 @@ class Runtime:
         state = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
+        elif self.device.type == "mps":
+            state["mps"] = torch.mps.get_rng_state()
         if not self.distributed:
             return [state]
         states = [None] * self.world_size
@@ -90,14 +92,27 @@ class Runtime:
         random.setstate(state["python"])
         if "cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
+        if "mps" in state and self.device.type == "mps":
+            torch.mps.set_rng_state(state["mps"].cpu())
         return True
 
 
+def mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)      # absent from some builds
+    return bool(mps and mps.is_available())
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device for config value `name`: auto picks CUDA, then Apple's MPS, then the CPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("config key 'device': cuda requested but no CUDA device is available")
+    if name == "mps" and not mps_available():
+        raise UserError("config key 'device': mps requested but this torch has no usable MPS device "
+                        "(Apple silicon with a macOS build of torch)")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
+    if name == "mps" or (name == "auto" and mps_available()):
+        return torch.device("mps")
     return torch.device("cpu")
 
 
@@ -107,11 +122,14 @@ def setup_runtime(cfg) -> Runtime:
     device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if device.type == "mps" and world > 1:
+        raise UserError("config key 'device': mps runs one process; start without torchrun (or use cpu)")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
     if amp is torch.float16 and device.type != "cuda":
-        raise UserError("config key 'amp': fp16 needs a CUDA device; use amp=bf16 on the CPU")
+        # GradScaler is the CUDA path the suite tests; bf16 needs no scaler.
+        raise UserError(f"config key 'amp': fp16 needs a CUDA device; use amp=bf16 on {device.type}")
     return Runtime(device=device, rank=rank, world_size=world, amp_dtype=amp)
 
 

@@ -2,7 +2,8 @@
 
 Input sequence of one utterance (see docs/stage_d_talker.md):
 
-    [c_1 ... c_n]        the characters of the normalised text (or n Thinker hidden states through
+    [c_1 ... c_n]        the characters of the normalised text, ids in the architecture's `charset`
+                         (omni/data/transcripts.py; dropped characters noted), or n Thinker hidden states through
                          `cond_proj`), then
     [S, f_1 ... f_T]     a learned start-of-speech vector and the code frames so far (the sum of one
                          embedding per codebook).
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-import re
+import sys
 from dataclasses import dataclass
 
 import soundfile as sf
@@ -36,23 +37,26 @@ from omni.codec import CodecArch, GriffinLimVocoder, SpeechCodec, Vocoder
 from omni.config import arch_from_config
 from omni.data.audio import MelSpec
 from omni.data.common import pad_stack
+from omni.data.transcripts import LEGACY_TALKER_CHARS, Charset, normalize_transcript
 from omni.layers import KVCache, Transformer, sample_next
 
-CHARS = " abcdefghijklmnopqrstuvwxyz0123456789"
-PAD_ID = 0                                   # id 0 is padding; characters are 1..len(CHARS)
-TEXT_VOCAB = len(CHARS) + 1
+CHARS = LEGACY_TALKER_CHARS                  # the set of checkpoints without a `charset` key
+PAD_ID = 0                                   # id 0 is padding; characters are 1..len(charset)
 PROGRESS_FREQS = 16
+_LEGACY = Charset(CHARS)
 
 
-def normalize_text(text: str) -> str:
-    """What the Talker reads, as the demo world writes spoken text: lowercase a-z and single spaces.
-    Digits stay as given (the demo world spells numbers; other data may not); everything else
-    (punctuation, accents) becomes a space."""
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
+def charset_of(arch) -> Charset:
+    """The characters a Talker reads (the legacy set when the architecture's `charset` is empty)."""
+    return Charset(arch.charset) if arch.charset else _LEGACY
 
 
-def text_to_ids(text: str) -> torch.Tensor:
-    return torch.tensor([CHARS.index(c) + 1 for c in normalize_text(text)], dtype=torch.long)
+normalize_text = normalize_transcript
+
+
+def text_to_ids(text: str, charset: Charset = _LEGACY) -> torch.Tensor:
+    """Character ids of the text; characters outside the set are dropped."""
+    return torch.tensor(charset.encode(text), dtype=torch.long)
 
 
 @dataclass
@@ -70,6 +74,7 @@ class TalkerArch:
     n_sources: int = 2             # speech sources (0 = the Talker's own voice, 1 = extra voices)
     text_window: int = 4           # > 0: each speech frame also gets the encoded characters within
                                    # this many of where its progress points (0 = attention only)
+    charset: str = ""              # characters read; "": the stage fills it from the training transcripts
 
     from_config = classmethod(arch_from_config)
 
@@ -87,7 +92,8 @@ class Talker(nn.Module):
         super().__init__()
         d = arch.d_model
         self.arch, self.n_codebooks, self.eos = arch, n_codebooks, codebook_size
-        self.text_embed = nn.Embedding(TEXT_VOCAB, d, padding_idx=PAD_ID)
+        self.charset = charset_of(arch)
+        self.text_embed = nn.Embedding(len(self.charset) + 1, d, padding_idx=PAD_ID)
         self.cond_proj = nn.Linear(arch.cond_dim, d) if arch.cond_dim else None
         self.code_embed = nn.ModuleList(nn.Embedding(codebook_size, d) for _ in range(n_codebooks))
         self.speech_start = nn.Parameter(torch.zeros(d))
@@ -257,7 +263,11 @@ class Speaker:
 
     @torch.no_grad()
     def codes(self, text: str, temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> torch.Tensor:
-        ids = text_to_ids(text).to(self.talker.speech_start.device)
+        said, dropped = self.talker.charset.split(text)
+        if dropped:     # a one-line note: the caller hears the rest of the sentence
+            print(f"note: the Talker cannot read {len(dropped)} kind(s) of character, "
+                  f"{sum(dropped.values())} dropped: {''.join(sorted(dropped))!r}", file=sys.stderr)
+        ids = text_to_ids(said, self.talker.charset).to(self.talker.speech_start.device)
         if len(ids) == 0:
             return torch.zeros(0, self.talker.n_codebooks, dtype=torch.long)
         generator = torch.Generator(device=ids.device).manual_seed(seed)

@@ -33,7 +33,7 @@ def audio_enc_config(demo_dir, save_dir, **overrides) -> dict:
 def test_charset_is_blank_space_apostrophe_then_letters():
     assert BLANK == 0 and VOCAB_SIZE == 29
     assert text_to_ids(" ") == [] and text_to_ids("a b") == [3, 1, 4]
-    assert text_to_ids("'z") == [2, 28]
+    assert text_to_ids("o'z") == [17, 2, 28] and text_to_ids("'z'") == [28]   # quotes are not apostrophes
     assert normalize_text("  Don't-STOP,  now!") == "don't stop now"
     assert ids_to_text(text_to_ids("what is two plus two")) == "what is two plus two"
     assert CHARSET.index("a") + 1 == 3

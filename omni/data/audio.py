@@ -45,10 +45,16 @@ class LogMel(torch.nn.Module):
 SILENCE_PEAK = 1e-3
 
 
-def read_audio(path: str, sample_rate: int) -> torch.Tensor:
-    """Mono float waveform at sample_rate; SampleError saying why if the file cannot be used
-    (missing, empty, not audio, no samples, NaN/inf samples, or silent)."""
+def read_audio(path: str, sample_rate: int, max_seconds: float = 0.0) -> torch.Tensor:
+    """Mono float waveform at sample_rate, from any rate and channel count (channels averaged);
+    SampleError saying why if the file cannot be used (missing, empty, not audio, longer than
+    max_seconds when that is > 0, no samples, NaN/inf samples, or silent)."""
     try:
+        if max_seconds > 0:     # from the header: a long recording is never decoded
+            info = sf.info(media_file(path))
+            if info.frames > max_seconds * info.samplerate:
+                raise SampleError(f"{path}: {info.frames / info.samplerate:.1f} s is longer than "
+                                  f"max_seconds {max_seconds:g}")
         data, rate = sf.read(media_file(path), dtype="float32", always_2d=True)
     except sf.LibsndfileError as e:
         raise SampleError(f"{path}: unreadable audio ({e.error_string})") from None
@@ -105,7 +111,5 @@ class AudioTextDataset(ManifestDataset):
         text = str(record["text"]).strip()
         if not text:
             raise SampleError("empty text")
-        wave = read_audio(record["audio"], self.spec.sample_rate)
-        if wave.numel() > self.max_seconds * self.spec.sample_rate:
-            raise SampleError(f"{record['audio']}: longer than max_seconds {self.max_seconds}")
+        wave = read_audio(record["audio"], self.spec.sample_rate, self.max_seconds)
         return {"mel": self.logmel(wave), "text": text, "wave_len": wave.numel()}

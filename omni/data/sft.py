@@ -28,16 +28,16 @@ def check_conversation(conversation) -> list[dict]:
 class SFTDataset(ManifestDataset):
     """{"conversation", "kind", "image": [3,S,S] or None, "mel": [T, n_mels] or None}."""
 
-    def __init__(self, records, image_size: int = 64, spec: MelSpec = MelSpec(), **kw):
+    def __init__(self, records, image_size: int = 64, spec: MelSpec = MelSpec(), resize: str = "squash", **kw):
         super().__init__(records, **kw)
-        self.image_size, self.spec = image_size, spec
+        self.image_size, self.spec, self.resize = image_size, spec, resize
         self.logmel = LogMel(spec)
 
     def load(self, record, generator):
         sample = {"conversation": check_conversation(record["conversation"]),
                   "kind": record.get("kind", "text"), "image": None, "mel": None}
         if "image" in record:
-            sample["image"] = read_image(record["image"], self.image_size)
+            sample["image"] = read_image(record["image"], self.image_size, self.resize)
         if "audio" in record:
             sample["mel"] = self.logmel(read_audio(record["audio"], self.spec.sample_rate))
         return sample

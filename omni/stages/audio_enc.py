@@ -6,12 +6,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from omni.audio_enc import ASR, AudioEncArch, ctc_greedy_decode, ids_to_text, normalize_text, text_to_ids
+from omni.audio_enc import ASR, AudioEncArch, ctc_greedy_decode
 from omni.config import TrainConfig
 from omni.data.audio import AudioTextDataset, MelSpec, spec_augment
 from omni.data.common import pad_stack, require_files
 from omni.data.manifest import SampleError, read_manifest
 from omni.data.sampler import BucketedBatches
+from omni.data.transcripts import Charset, derive_charset
 from omni.metrics import error_counts
 from omni.logs import log
 from omni.stage import Stage
@@ -34,18 +35,20 @@ class AudioEncConfig(TrainConfig, AudioEncArch):
 
 
 class SpeechDataset(AudioTextDataset):
-    """Adds CTC labels and, when augmenting, SpecAugment drawn from the sample's own generator."""
+    """Adds CTC labels (the transcript in the model's character set; characters outside it are
+    dropped and counted) and, when augmenting, SpecAugment drawn from the sample's own generator."""
 
-    def __init__(self, records, masks: dict | None = None, **kw):
+    def __init__(self, records, charset: Charset, masks: dict | None = None, **kw):
         super().__init__(records, **kw)
-        self.masks = masks
+        self.charset, self.masks = charset, masks
 
     def load(self, record, generator):
         sample = super().load(record, generator)
-        labels = text_to_ids(sample["text"])
-        if not labels:
+        text, dropped = self.charset.split(sample["text"])
+        if not text:
             raise SampleError("no characters of the CTC set in the text")
-        sample["text"], sample["labels"] = normalize_text(sample["text"]), torch.tensor(labels)
+        sample["text"], sample["dropped"] = text, sum(dropped.values())
+        sample["labels"] = torch.tensor([self.charset.ids[c] for c in text])
         if generator is not None and self.masks:
             sample["mel"] = spec_augment(sample["mel"], generator, **self.masks)
         return sample
@@ -64,20 +67,28 @@ class AudioEncStage(Stage):
         require_files(cfg, {k: [v] for k, v in manifests.items() if v}, self.rt)
         masks = dict(time_masks=cfg.time_masks, time_width=cfg.time_width,
                      freq_masks=cfg.freq_masks, freq_width=cfg.freq_width) if cfg.spec_augment else None
-        if not self.evaluation_only:
-            self.train_data = self.dataset(cfg.train_manifest, augment=masks is not None, masks=masks)
-        self.val_data = self.dataset(cfg.val_manifest)
-        self.test_data = self.dataset(cfg.test_manifest) if cfg.test_manifest else None
+        train = None if self.evaluation_only else self.records(cfg.train_manifest)
+        if train is not None and not cfg.charset:
+            # Saved in config.json and every checkpoint, so the loaders rebuild the same labels.
+            # (An evaluated checkpoint brings its own; one saved before the key existed: the legacy set.)
+            cfg.charset = derive_charset(r["text"] for r in train)
         asr = ASR(AudioEncArch.from_config(cfg))
         self.modules = {"enc": asr.enc, "head": asr.head}
         self.asr = asr
+        if train is not None:
+            self.train_data = self.dataset(train, augment=masks is not None, masks=masks)
+        self.val_data = self.dataset(self.records(cfg.val_manifest))
+        self.test_data = self.dataset(self.records(cfg.test_manifest)) if cfg.test_manifest else None
         log(self.rt, f"audio_enc: {len(self.train_data or [])} training clips, {len(self.val_data)} validation clips; "
+                     f"{len(asr.charset)} characters {asr.charset.chars!r}; "
                      f"{sum(p.numel() for p in asr.parameters()):,} parameters")
 
-    def dataset(self, path: str, **kw) -> SpeechDataset:
+    def records(self, path: str) -> list[dict]:
+        return read_manifest(path, ["audio", "text"], {"audio": self.cfg.audio_column, "text": self.cfg.text_column})
+
+    def dataset(self, records, **kw) -> SpeechDataset:
         cfg = self.cfg
-        records = read_manifest(path, ["audio", "text"], {"audio": cfg.audio_column, "text": cfg.text_column})
-        return SpeechDataset(records, spec=MelSpec(n_mels=cfg.n_mels), max_seconds=cfg.max_seconds,
+        return SpeechDataset(records, self.asr.charset, spec=MelSpec(n_mels=cfg.n_mels), max_seconds=cfg.max_seconds,
                              seed=cfg.seed, strict=cfg.strict_data, **kw)
 
     def batch_plan(self):
@@ -88,7 +99,7 @@ class AudioEncStage(Stage):
         mel, mask = pad_stack([s["mel"] for s in samples])
         return {"mel": mel, "mask": mask, "targets": torch.cat([s["labels"] for s in samples]),
                 "target_lengths": torch.tensor([len(s["labels"]) for s in samples]),
-                "text": [s["text"] for s in samples]}
+                "text": [s["text"] for s in samples], "dropped": sum(s["dropped"] for s in samples)}
 
     def ctc_losses(self, batch):
         """(CTC loss per utterance [B], log-probs [B, T', V], frame counts [B])."""
@@ -104,21 +115,23 @@ class AudioEncStage(Stage):
         return losses.mean(), {"n_frames": int(batch["mask"].sum()), "n_clips": len(batch["text"])}
 
     def score(self, dataset) -> list[float]:
-        """[loss sum, clips, char edits, chars, word edits, words] over this rank's share."""
-        totals = [0.0] * 6
+        """[loss sum, clips, char edits, chars, word edits, words, characters dropped from the
+        references (outside the character set)] over this rank's share."""
+        totals = [0.0] * 7
         for batch in self.eval_batches(dataset):
             with self.rt.autocast():
                 losses, log_probs, frames = self.ctc_losses(batch)
-            hyps = [ids_to_text(ids) for ids in ctc_greedy_decode(log_probs, frames)]
+            hyps = [self.asr.charset.decode(ids) for ids in ctc_greedy_decode(log_probs, frames)]
             counts = (float(losses.sum()), len(hyps), *error_counts(batch["text"], hyps, "char"),
-                      *error_counts(batch["text"], hyps, "word"))
+                      *error_counts(batch["text"], hyps, "word"), batch["dropped"])
             totals = [t + c for t, c in zip(totals, counts)]
         return totals
 
     def evaluate(self):
-        loss, n, ce, cn, we, wn = self.rt.sum(self.score(self.val_data))
-        out = {"val_loss": loss / max(n, 1), "cer": ce / max(cn, 1), "wer": we / max(wn, 1)}
+        loss, n, ce, cn, we, wn, dropped = self.rt.sum(self.score(self.val_data))
+        out = {"val_loss": loss / max(n, 1), "cer": ce / max(cn, 1), "wer": we / max(wn, 1),
+               "dropped_chars": int(dropped)}
         if self.test_data is not None:
-            _, _, ce, cn, we, wn = self.rt.sum(self.score(self.test_data))
-            out.update(test_cer=ce / max(cn, 1), test_wer=we / max(wn, 1))
+            _, _, ce, cn, we, wn, dropped = self.rt.sum(self.score(self.test_data))
+            out.update(test_cer=ce / max(cn, 1), test_wer=we / max(wn, 1), test_dropped_chars=int(dropped))
         return out

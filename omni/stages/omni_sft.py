@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omni.config import TrainConfig
+from omni.config import TrainConfig, choice
+from omni.data.image import RESIZE_MODES
 from omni.data.common import require_files
 from omni.data.manifest import read_manifest
 from omni.data.sft import SFTDataset, read_sft_manifest
@@ -31,6 +32,7 @@ class OmniSFTConfig(TrainConfig):
     freeze_encoders: bool = True
     freeze_thinker: bool = False
     image_size: int = 64
+    image_resize: str = choice(*RESIZE_MODES)   # as the vision stage was trained (omni/data/image.py)
     qa_eval_limit: int = 0          # answers generated per split for accuracy; 0 = all
     max_answer_tokens: int = 16
 
@@ -71,7 +73,7 @@ class OmniSFTStage(Stage):
                 self.modules[name] = enc
         thinker.requires_grad_(not cfg.freeze_thinker)
 
-        kw = {"image_size": cfg.image_size, "strict": cfg.strict_data, "seed": cfg.seed}
+        kw = {"image_size": cfg.image_size, "resize": cfg.image_resize, "strict": cfg.strict_data, "seed": cfg.seed}
         records = []
         if not self.evaluation_only:
             records = read_sft_manifest(cfg.train_manifest)

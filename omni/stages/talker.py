@@ -18,9 +18,10 @@ from omni.codec import LOG_FLOOR, CodecArch, GriffinLimVocoder, SpeechCodec, usa
 from omni.config import TrainConfig, UserError
 from omni.data.audio import AudioTextDataset, MelSpec
 from omni.data.common import pad_stack, require_files
-from omni.data.manifest import read_manifest
+from omni.data.manifest import SampleError, read_manifest
 from omni.data.sampler import BucketedBatches
-from omni.talker import Speaker, Talker, TalkerArch, normalize_text, text_to_ids
+from omni.data.transcripts import derive_charset
+from omni.talker import Speaker, Talker, TalkerArch, text_to_ids
 from omni.logs import log
 from omni.stage import Stage
 
@@ -43,10 +44,19 @@ class TalkerConfig(TrainConfig, CodecArch, TalkerArch):
 
 
 class SourcedDataset(AudioTextDataset):
-    """Audio-text clips that also say which source (voice) they come from."""
+    """Audio-text clips that also say which source (voice) they come from, with the text in the
+    Talker's character set (characters outside it dropped and counted)."""
+
+    def __init__(self, records, charset, *args, **kw):
+        super().__init__(records, *args, **kw)
+        self.charset = charset
 
     def load(self, record, generator):
-        return {**super().load(record, generator), "source": record["source"]}
+        sample = super().load(record, generator)
+        text, dropped = self.charset.split(sample["text"])
+        if not text:
+            raise SampleError("no characters of the Talker's set in the text")
+        return {**sample, "text": text, "dropped": sum(dropped.values()), "source": record["source"]}
 
 
 class TalkerStage(Stage):
@@ -63,38 +73,48 @@ class TalkerStage(Stage):
             files = {"val_manifest": files["val_manifest"]}
         require_files(cfg, files, self.rt)
         self.spec = MelSpec(n_mels=cfg.n_mels)
-        self.val_data = self.dataset(cfg.val_manifest)
+        train = None if self.evaluation_only else self.records(cfg.train_manifest, cfg.extra_train_manifest)
+        if train is not None and not cfg.charset:
+            # Saved in config.json and every checkpoint, so load_speaker rebuilds the same ids.
+            # (An evaluated checkpoint brings its own; one saved before the key existed: the legacy set.)
+            cfg.charset = derive_charset(r["text"] for r in train)
         codec = SpeechCodec(CodecArch.from_config(cfg))
         talker = Talker(TalkerArch.from_config(cfg), cfg.n_codebooks, cfg.codebook_size)
-        if not self.evaluation_only:    # an evaluated checkpoint brings its frames_per_char buffer
-            self.fit_to_training_data(codec, talker)
+        self.charset = talker.charset
+        self.val_data = self.dataset(self.records(cfg.val_manifest))
+        if train is not None:    # an evaluated checkpoint brings its frames_per_char buffer
+            self.fit_to_training_data(codec, talker, train)
         self.modules = {"talker": talker, "rvq": codec}
         self.vocoder = GriffinLimVocoder(self.spec, n_iter=cfg.griffin_lim_iters)
         self._asr, self._asr_noted, self._vocoder_cer = None, False, None
 
-    def fit_to_training_data(self, codec: SpeechCodec, talker: Talker):
+    def fit_to_training_data(self, codec: SpeechCodec, talker: Talker, records: list[dict]):
         """Read the training clips, set the Talker's length prior from them, check they fit max_seq_len."""
         cfg = self.cfg
-        self.train_data = self.dataset(cfg.train_manifest, cfg.extra_train_manifest)
+        self.train_data = self.dataset(records)
         self.lengths = self.train_data.lengths()
-        texts = [len(normalize_text(str(r["text"]))) for r in self.train_data.records]
+        texts = [len(self.charset.normalize(r["text"])) for r in records]
         code_frames = [codec.code_frames(n) for n in self.lengths]
         talker.frames_per_char.fill_(sum(code_frames) / max(sum(texts), 1))
         longest = max(t + f + 1 for t, f in zip(texts, code_frames) if f * cfg.downsample <= cfg.max_seconds * 100)
         if longest > cfg.max_seq_len:
             raise UserError(f"config key 'max_seq_len': {cfg.max_seq_len} is shorter than the longest "
                             f"training utterance ({longest} characters + code frames)")
-        log(self.rt, f"talker: {len(self.train_data)} training clips, {float(talker.frames_per_char):.2f} code "
+        log(self.rt, f"talker: {len(self.train_data)} training clips, {len(self.charset)} characters "
+                     f"{self.charset.chars!r}, {float(talker.frames_per_char):.2f} code "
                      f"frames per character at {100 / cfg.downsample:g} Hz; steps 1-{cfg.codec_steps} train the "
                      f"codec, the rest the Talker")
 
-    def dataset(self, path: str, extra: str = "") -> AudioTextDataset:
+    def records(self, path: str, extra: str = "") -> list[dict]:
         """The clips of `path` (source 0: the voice to learn) and of `extra` (source 1)."""
         columns = {"text": self.cfg.text_column, "audio": self.cfg.audio_column}
         records = [dict(r, source=0) for r in read_manifest(path, ["audio", "text"], columns)]
         if extra:
             records += [dict(r, source=1) for r in read_manifest(extra, ["audio", "text"], columns)]
-        return SourcedDataset(records, self.spec, self.cfg.max_seconds, seed=self.cfg.seed,
+        return records
+
+    def dataset(self, records: list[dict]) -> SourcedDataset:
+        return SourcedDataset(records, self.charset, self.spec, self.cfg.max_seconds, seed=self.cfg.seed,
                               strict=self.cfg.strict_data)
 
     def batch_plan(self):
@@ -102,8 +122,8 @@ class TalkerStage(Stage):
 
     def collate(self, samples):
         mel, mask = pad_stack([s["mel"] for s in samples], value=LOG_FLOOR)
-        return {"mel": mel, "mask": mask, "text": [text_to_ids(s["text"]) for s in samples],
-                "source": [s["source"] for s in samples]}
+        return {"mel": mel, "mask": mask, "text": [text_to_ids(s["text"], self.charset) for s in samples],
+                "source": [s["source"] for s in samples], "dropped": sum(s["dropped"] for s in samples)}
 
     # ------------------------------------------------------------------ phases
     @property
@@ -138,19 +158,21 @@ class TalkerStage(Stage):
         cfg, sums = self.cfg, {}
         usage = torch.zeros(cfg.n_codebooks, cfg.codebook_size, dtype=torch.float64)
         names = ["mel_l1", "code_loss"] + [f"acc_{k}" for k in range(cfg.n_codebooks)] + ["eos_acc", "len_err", "n"]
+        dropped = 0
         for batch in self.eval_batches(self.val_data):
             with self.rt.autocast():
                 recon, codes, cmask, _ = self.codec(batch["mel"], batch["mask"])
                 error = self.codec.mel_error(recon, batch["mel"], batch["mask"])
                 code_list = [c[:n] for c, n in zip(codes, cmask.sum(1).tolist())]
                 code_loss, m = self.modules["talker"].loss(batch["text"], code_list, batch["source"])
-            n = len(code_list)
+            n, dropped = len(code_list), dropped + batch["dropped"]
             values = {"mel_l1": error.item() * cfg.mel_std, "code_loss": code_loss.item(), **m, "n": 1}
             for key in names:
                 sums[key] = sums.get(key, 0.0) + values[key] * n
             for k in range(cfg.n_codebooks):
                 usage[k] += torch.bincount(codes[..., k][cmask].cpu(), minlength=cfg.codebook_size).double()
-        totals = self.rt.sum([sums.get(k, 0.0) for k in names] + usage.reshape(-1).tolist())
+        totals = self.rt.sum([sums.get(k, 0.0) for k in names] + usage.reshape(-1).tolist() + [dropped])
+        dropped = int(totals.pop())
         count = max(totals[len(names) - 1], 1)
         out = {k: totals[i] / count for i, k in enumerate(names[:-1])}
         usage = torch.tensor(totals[len(names):]).view(cfg.n_codebooks, cfg.codebook_size)
@@ -159,7 +181,7 @@ class TalkerStage(Stage):
             out[f"codes_used_{k}"] = int((usage[k] > 0).sum())
         # Both parts always count, so val_loss compares across the phase switch: a phase-1
         # checkpoint (untrained Talker) never beats a trained one in *_best.pt.
-        out = {"val_loss": out["mel_l1"] / cfg.mel_std + out["code_loss"], **out}
+        out = {"val_loss": out["mel_l1"] / cfg.mel_std + out["code_loss"], **out, "dropped_chars": dropped}
         if self.rt.is_main and cfg.eval_sentences > 0:
             with torch.random.fork_rng(devices=[]):   # nothing here may move the training RNG
                 out.update(self.intelligibility())
@@ -192,7 +214,8 @@ class TalkerStage(Stage):
         from omni.metrics import cer
         samples = [s for s in (self.val_data[(i, 0)] for i in range(min(self.cfg.eval_sentences, len(self.val_data))))
                    if s is not None]
-        refs = [normalize_text(s["text"]) for s in samples]
+        # Scored in the characters both models know (sample texts are in the Talker's set already).
+        refs = [asr.charset.normalize(s["text"]) for s in samples]
         mels = [s["mel"].to(self.rt.device) for s in samples]
         out = {}
         if self._vocoder_cer is None:
@@ -202,8 +225,8 @@ class TalkerStage(Stage):
         out["codec_cer"] = cer(refs, asr.transcribe([self.vocoder.mel_to_wave(m) for m in resynth]))
         if self.steps_done() > self.cfg.codec_steps:
             speaker = Speaker(self.modules["talker"], self.codec, self.vocoder)
-            waves = [speaker.speak(t, temperature=self.cfg.eval_temperature, seed=self.cfg.seed + i)
-                     for i, t in enumerate(refs)]
+            waves = [speaker.speak(s["text"], temperature=self.cfg.eval_temperature, seed=self.cfg.seed + i)
+                     for i, s in enumerate(samples)]
             hyps = asr.transcribe(waves)
             out["cer"] = cer(refs, hyps)
             out["seconds_spoken"] = sum(len(w) for w in waves) / self.spec.sample_rate

@@ -7,7 +7,8 @@ import torch
 
 from omni.config import TrainConfig
 from omni.data.common import require_files
-from omni.data.image import ImageCaptionDataset
+from omni.config import choice
+from omni.data.image import RESIZE_MODES, ImageCaptionDataset
 from omni.data.manifest import read_manifest
 from omni.metrics import retrieval_hits
 from omni.logs import log
@@ -23,6 +24,7 @@ class VisionConfig(TrainConfig, VisionArch):
     image_column: str = "image"        # manifest column names
     caption_column: str = "caption"
     max_shift: int = 4                 # training shift augmentation in pixels (no flips, no colour changes)
+    image_resize: str = choice(*RESIZE_MODES)   # how any image becomes image_size square (omni/data/image.py)
     gallery_size: int = 100            # retrieval among consecutive chunks of this many pairs; 0 = whole split
     save_dir: str = "checkpoints/vision_tiny"
 
@@ -56,7 +58,8 @@ class VisionStage(Stage):
 
     def dataset(self, records, max_shift: int = 0) -> ImageCaptionDataset:
         cfg = self.cfg
-        return ImageCaptionDataset(records, image_size=cfg.image_size, max_shift=max_shift, seed=cfg.seed,
+        return ImageCaptionDataset(records, image_size=cfg.image_size, max_shift=max_shift, resize=cfg.image_resize,
+                                   seed=cfg.seed,
                                    strict=cfg.strict_data, augment=max_shift > 0)
 
     def collate(self, samples):
