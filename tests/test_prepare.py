@@ -17,6 +17,7 @@ from omni.data import prepare
 from omni.data.manifest import read_manifest
 from omni.stages.audio_enc import AudioEncConfig
 from test_audio_enc import audio_enc_config
+from test_talker import tiny_stage_config as talker_config
 from test_vision import vision_config
 
 CLIP_SECONDS = 0.3
@@ -424,3 +425,25 @@ def test_a_folder_in_the_wrong_layout_is_one_line_naming_the_expected_file(kind,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_imported_ljspeech_trains_stage_d_with_its_own_charset(tmp_path):
+    root = tmp_path / "LJSpeech-1.1"
+    lines = []
+    for i in range(12):
+        utt = f"LJ002-{i:04d}"
+        put(root / "wavs" / f"{utt}.wav", clip_bytes(i, "WAV", rate=22050))    # resampled to 16 kHz on read
+        lines.append(f"{utt}|Raw {i}.|{WORDS[i % 10].capitalize()} {WORDS[(i + 3) % 10]}, Zoë!")
+    put(root / "metadata.csv", "\n".join(lines) + "\n")
+    out = tmp_path / "lj"
+    run_prepare("ljspeech", root, "--out", out, "--val_fraction", "0.2", "--test_fraction", "0")
+    cfg = talker_config(str(out), tmp_path / "talker", max_steps=4, codec_steps=2, eval_interval=4,
+                        checkpoint_freq=2, train_manifest=str(out / "tts_train.jsonl"),
+                        val_manifest=str(out / "tts_val.jsonl"))
+    proc = run_script("train_talker.py", "--config", write_config(tmp_path / "d.json", cfg), check=True)
+    train = [r for r in records(tmp_path / "talker" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and train[-1]["skipped_samples"] == 0, proc.stdout
+    with open(tmp_path / "talker" / "config.json") as f:
+        charset = json.load(f)["charset"]
+    assert set("zoë ") <= set(charset) and not set(",!.") & set(charset)    # derived after normalisation
+    assert os.path.isfile(tmp_path / "talker" / "talker.pt")
