@@ -42,8 +42,15 @@ def copy_run(run, tmp_path) -> str:
 
 
 def snapshot(folder) -> dict:
-    """name -> bytes of every file: equal snapshots mean nothing was lost or touched."""
-    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+    """relative path -> bytes of every file below folder (Stage A keeps token shards in tokens/):
+    equal snapshots mean nothing was lost or touched."""
+    out = {}
+    for top, _, names in os.walk(folder):
+        for n in names:
+            path = os.path.join(top, n)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return dict(sorted(out.items()))
 
 
 def cli(tmp_path, cfg: dict, *args, env=None, runner=False):
