@@ -67,6 +67,17 @@ def run_script(script: str, *args: str, env: dict | None = None, runner: bool = 
     return proc
 
 
+def tree_bytes(folder) -> dict:
+    """relative path -> bytes of every file below folder: equal results mean nothing was touched."""
+    found = {}
+    for top, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(top, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = f.read()
+    return dict(sorted(found.items()))
+
+
 def load_pt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import assert_same_state, load_pt, run_script, thinker_config, write_config
+from conftest import assert_same_state, load_pt, run_script, thinker_config, tree_bytes, write_config
 from omni import checkpoint as ckpt
 from omni import resume_policy
 from omni.config import TrainConfig, UserError, build_config
@@ -42,15 +42,9 @@ def copy_run(run, tmp_path) -> str:
 
 
 def snapshot(folder) -> dict:
-    """relative path -> bytes of every file below folder (Stage A keeps token shards in tokens/):
-    equal snapshots mean nothing was lost or touched."""
-    out = {}
-    for top, _, names in os.walk(folder):
-        for n in names:
-            path = os.path.join(top, n)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return dict(sorted(out.items()))
+    """Every file below folder (Stage A keeps token shards in tokens/): equal snapshots mean
+    nothing was lost or touched."""
+    return tree_bytes(folder)
 
 
 def cli(tmp_path, cfg: dict, *args, env=None, runner=False):

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from conftest import ROOT, run_script, thinker_config, write_config
+from conftest import ROOT, run_script, thinker_config, tree_bytes, write_config
 from omni.config import load_config
 from omni.data import prepare
 from omni.data.manifest import read_manifest
@@ -60,16 +60,6 @@ def run_prepare(*argv) -> dict:
 def records(path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
-
-
-def file_bytes(folder) -> dict:
-    found = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, folder)] = f.read()
-    return found
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -179,23 +169,23 @@ def test_rerun_writes_byte_identical_files(librispeech, tmp_path, capsys):
     cfg = load_config(AudioEncConfig, os.path.join(ROOT, command[command.index("--config") + 1]), sets)
     assert (cfg.demo_dir, cfg.train_manifest, cfg.test_manifest) == ("", str(out / "asr_train.jsonl"),
                                                                      str(out / "asr_test.jsonl"))
-    first = file_bytes(out)
+    first = tree_bytes(out)
     run_prepare("librispeech", librispeech, "--out", out)
-    assert file_bytes(out) == first and set(first) == {"asr_train.jsonl", "asr_val.jsonl", "asr_test.jsonl",
+    assert tree_bytes(out) == first and set(first) == {"asr_train.jsonl", "asr_val.jsonl", "asr_test.jsonl",
                                                       "summary.json"}
 
 
 def test_no_usable_record_is_an_error_that_leaves_earlier_files_alone(librispeech, tmp_path, capsys):
     out = tmp_path / "ls"
     run_prepare("librispeech", librispeech, "--out", out)
-    before = file_bytes(out)
+    before = tree_bytes(out)
     empty = tmp_path / "LibriSpeech" / "dev-clean" / "1" / "2"
     put(empty / "1-2.trans.txt", "1-2-0000 NO AUDIO HERE\n")
     with pytest.raises(SystemExit) as exit_info:
         prepare.run_cli(lambda: prepare.main(["librispeech", str(tmp_path / "LibriSpeech"), "--out", str(out)]))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "no usable librispeech record (1 skipped, e.g. " in err
-    assert "1-2-0000.flac: file not found" in err and file_bytes(out) == before
+    assert "1-2-0000.flac: file not found" in err and tree_bytes(out) == before
 
 
 def test_a_subset_folder_alone_gets_val_and_test_carved_by_hash(librispeech, tmp_path):
@@ -369,9 +359,9 @@ def test_hf_parquet_audio_bytes_are_written_out_and_rerun_is_identical(tmp_path)
     assert (out / "audio" / "00000005.flac").read_bytes() == clip_bytes(3, "FLAC")
     assert summary["skipped"]["count"] == 2 and "unreadable audio" in summary["skipped"]["examples"][0]
     assert "row 2: empty 'audio'" in summary["skipped"]["examples"][1]
-    first = file_bytes(out)
+    first = tree_bytes(out)
     run_prepare(*argv)
-    assert file_bytes(out) == first
+    assert tree_bytes(out) == first
 
 
 def test_hf_save_to_disk_images_and_a_missing_column(tmp_path, capsys):
