@@ -90,11 +90,13 @@ def generate_text(model: Thinker, tokenizer: Tokenizer, prompt: str, max_new_tok
 
 
 def load_omni_parts(thinker_dir: str, audio_enc_dir: str, vision_dir: str, device):
-    """(Thinker, tokenizer, audio encoder, vision encoder) from the folders of stages A, B, C."""
-    from omni.audio_enc import load_audio_encoder
+    """(Thinker, tokenizer, audio encoder, vision encoder, CTC reader) from the folders of stages A,
+    B, C; the reader is Stage B's CTC head, for transcripts in the prompt."""
+    from omni.audio_enc import load_asr
     from omni.vision import load_vision_encoder
     thinker, tokenizer = load_thinker(thinker_dir, device)
-    return thinker, tokenizer, load_audio_encoder(audio_enc_dir, device), load_vision_encoder(vision_dir, device)
+    asr = load_asr(audio_enc_dir, device)
+    return thinker, tokenizer, asr.enc, load_vision_encoder(vision_dir, device), asr.reader()
 
 
 def stage_prefix_in(folder: str) -> str | None:
@@ -118,10 +120,10 @@ def load_omni(ckpt_dir: str, device):
     weights, config, _ = load_component(ckpt_dir, OmniSFTStage.prefix, list(OmniSFTStage.weight_keys),
                                         OmniSFTStage.make_command, optional=("audio_enc", "vision"))
     dirs = [resolve_dir(ckpt_dir, config[k]) for k in ("thinker_dir", "audio_enc_dir", "vision_dir")]
-    thinker, tokenizer, audio_enc, vision = load_omni_parts(*dirs, device)
+    thinker, tokenizer, audio_enc, vision, reader = load_omni_parts(*dirs, device)
     d = thinker.arch.d_model
     model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d), Projector(vision.out_dim, d),
-                      audio_enc, vision)
+                      audio_enc, vision, reader if config.get("audio_transcript") else None)
     attrs = {"thinker": "thinker", "proj_a": "proj_a", "proj_v": "proj_v", "audio_enc": "audio_encoder",
              "vision": "vision_encoder"}
     for key, state in weights.items():

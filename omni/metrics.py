@@ -70,3 +70,31 @@ def retrieval_accuracy(sim: torch.Tensor, same: torch.Tensor) -> tuple[float, fl
     i2t, t2i = retrieval_hits(sim, same)
     n = max(sim.shape[0], 1)
     return i2t / n, t2i / n
+
+
+def parse_probe_groups(specs: list[str], key: str = "probe_groups") -> dict[str, list[list[str]]]:
+    """["shape=circle|square", "relation=above|left of"] -> {"shape": [["circle"], ["square"]], ...}:
+    named groups of interchangeable words or phrases."""
+    groups = {}
+    for spec in specs:
+        name, _, members = spec.partition("=")
+        options = [m.split() for m in members.split("|") if m.strip()]
+        if not name.strip() or len(options) < 2:
+            raise ValueError(f"{key}: {spec!r} is not name=word|word[|...] with two or more choices")
+        groups[name.strip()] = options
+    return groups
+
+
+def swap_probes(words: list[str], options: list[list[str]]) -> list[list[list[str]]]:
+    """For each place where one of the options occurs in the caption (words), the candidate list
+    [the caption, the caption with that occurrence replaced by each other option]. A model that
+    reads the attribute ranks the first candidate highest."""
+    probes = []
+    for start in range(len(words)):
+        for option in options:
+            if words[start:start + len(option)] != option:
+                continue
+            head, tail = words[:start], words[start + len(option):]
+            probes.append([words] + [head + other + tail for other in options if other != option])
+            break
+    return probes

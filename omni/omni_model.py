@@ -2,11 +2,12 @@
 
 A conversation becomes one embedding sequence:
 
-    <s> <user> [<img> v_1 .. v_N </img>] [<audio> a_1 .. a_M </audio>] question <assistant> answer </s>
+    <s> <user> [<img> v_1 .. v_N </img>] [<audio> a_1 .. a_M </audio> heard] question <assistant> answer </s>
 
 where v_i are the vision encoder's tokens and a_j the audio encoder's frames, each mapped to the
-Thinker's width by a small MLP (proj_v, proj_a). Media attach to the first user turn; later turns
-repeat `<user> question <assistant> answer </s>`. Training predicts only the answer tokens and
+Thinker's width by a small MLP (proj_v, proj_a); `heard` (Stage B's greedy CTC transcript of the
+same frames) is there when the model has a transcriber. Media attach to the first user turn;
+later turns repeat `<user> question <assistant> answer </s>`. Training predicts only the answer tokens and
 their closing </s>; generation stops at </s>. The same code builds sequences for SFT and for
 inference, so the two cannot drift apart.
 """
@@ -39,14 +40,17 @@ class Media:
     """Projected features of one sample's image and audio (either may be None)."""
     image: torch.Tensor | None = None      # [N, d_model]
     audio: torch.Tensor | None = None      # [M, d_model]
+    transcript: str = ""                   # what the CTC reader heard, when the model has one
 
 
 class OmniModel(nn.Module):
     def __init__(self, thinker: Thinker, tokenizer: Tokenizer, proj_a: Projector, proj_v: Projector,
-                 audio_encoder: nn.Module | None = None, vision_encoder: nn.Module | None = None):
+                 audio_encoder: nn.Module | None = None, vision_encoder: nn.Module | None = None,
+                 transcriber: nn.Module | None = None):
         super().__init__()
         self.thinker, self.proj_a, self.proj_v = thinker, proj_a, proj_v
         self.audio_encoder, self.vision_encoder = audio_encoder, vision_encoder
+        self.transcriber = transcriber   # (hidden, mask) -> texts; never trained
         self.tok = tokenizer
 
     @property
@@ -72,8 +76,9 @@ class OmniModel(nn.Module):
                 media[i].image = projected[row]
         if has_aud:
             projected = self.proj_a(hidden)
+            heard = self.transcriber(hidden, hmask) if self.transcriber is not None else [""] * len(has_aud)
             for row, i in enumerate(has_aud):
-                media[i].audio = projected[row][hmask[row]]
+                media[i].audio, media[i].transcript = projected[row][hmask[row]], heard[row]
         return media
 
     @staticmethod
@@ -93,6 +98,7 @@ class OmniModel(nn.Module):
             parts += [self._ids([sp["<img>"]]), media.image, self._ids([sp["</img>"]])]
         if media is not None and media.audio is not None:
             parts += [self._ids([sp["<audio>"]]), media.audio, self._ids([sp["</audio>"]])]
+            text = " ".join(t for t in (media.transcript, text) if t)   # the words heard, then any typed
         return parts + [self._ids(self.tok.encode(text) + [sp["<assistant>"]])]
 
     def training_sequence(self, conversation: list[dict], media: Media) -> tuple[torch.Tensor, torch.Tensor]:

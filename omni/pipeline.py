@@ -121,13 +121,38 @@ def draw_curves(save_dir: str) -> None:
 
 
 def table(runs: list[StageRun]) -> str:
-    rows = [("stage", "status", "steps", "wall time", "final validation", "checkpoints")]
+    """One row per stage, then every figure of its last validation: the validation split's and,
+    on their own line, the held-out test split's."""
+    rows = [("stage", "status", "steps", "wall time", "checkpoints")]
     for r in runs:
-        shown = ", ".join(f"{k} {v:.3g}" for k, v in list(r.metrics.items())[:4] if isinstance(v, (int, float)))
         rows.append((r.letter, r.status, str(r.steps), f"{r.seconds / 60:.1f} min" if r.seconds else "-",
-                     shown or "-", r.save_dir or "-"))
+                     r.save_dir or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    for r in runs:
+        for split, figures in split_figures(r.metrics).items():
+            lines += wrap(f"{r.letter} {split}:", [f"{k} {v:.3g}" for k, v in figures.items()])
+    return "\n".join(lines)
+
+
+def split_figures(metrics: dict) -> dict:
+    """{"val": {name: value}, "test": {...}}: test_* names go to test, the rest to val."""
+    out = {"val": {}, "test": {}}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            split = "test" if k.startswith("test_") else "val"
+            out[split][k.removeprefix(f"{split}_")] = v
+    return {k: v for k, v in out.items() if v}
+
+
+def wrap(head: str, cells: list[str], width: int = 110) -> list[str]:
+    lines, line = [], head.ljust(8)
+    for cell in cells:
+        if len(line) + len(cell) + 2 > width and line.strip() != head:
+            lines.append(line.rstrip(", "))
+            line = " " * 8
+        line += cell + ", "
+    return lines + [line.rstrip(", ")]
 
 
 def main(argv=None) -> int:

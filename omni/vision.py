@@ -42,6 +42,7 @@ class VisionArch:
     text_heads: int = 4
     embed_dim: int = 128          # the shared image-caption space
     max_words: int = 32           # caption positions, the <cls> token included
+    decoder_layers: int = 0       # > 0: a caption decoder over all ViT tokens is trained too
     dropout: float = 0.1
     vocab: list[str] = field(default_factory=list)   # empty: built from the training captions
 
@@ -127,8 +128,41 @@ class TextEncoder(nn.Module):
         return self.body(x, pad_mask=mask)[:, 0]
 
 
+class CaptionDecoder(nn.Module):
+    """Writes the caption word by word while it sees every ViT token: a causal transformer over
+    [image tokens ; <cls> w_1 .. w_n]. To name each shape with its colour, size and place, the
+    patch tokens must carry them; in-batch contrastive negatives rarely force that, since they
+    seldom differ in one attribute alone (docs/stage_c_vision.md)."""
+
+    def __init__(self, arch: VisionArch, num_image_tokens: int):
+        super().__init__()
+        d, vocab = arch.text_dim, len(SPECIALS) + len(arch.vocab)
+        self.image_in = nn.Linear(arch.vit_dim, d)
+        self.embed = nn.Embedding(vocab, d)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.pos = nn.Parameter(torch.randn(num_image_tokens + arch.max_words, d) * 0.02)
+        self.body = Transformer(d, arch.decoder_layers, arch.text_heads, causal=True, rope=False,
+                                max_len=num_image_tokens + arch.max_words, dropout=arch.dropout)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Next-word logits [B, L, V]: position i (ids[:, i]) predicts word i+1."""
+        prefix = self.image_in(tokens)
+        x = torch.cat([prefix, self.embed(ids)], dim=1)
+        return self.head(self.body(x + self.pos[:x.shape[1]])[:, prefix.shape[1]:])
+
+    def nll(self, tokens, ids, mask) -> torch.Tensor:
+        """Per-caption negative log-likelihood [B], summed over its words and its end (after the last
+        word the target is <pad>, read as "the caption ends here")."""
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], PAD)], dim=1)
+        logits = self(tokens, ids).float()
+        ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return (ce * mask).sum(dim=1)
+
+
 class CLIP(nn.Module):
-    """The four trained parts (weight keys vit, img_proj, text_proj, text_embed) and their use."""
+    """The trained parts (weight keys vit, img_proj, text_proj, text_embed, and caption_decoder when
+    decoder_layers > 0) and their use."""
 
     def __init__(self, arch: VisionArch):
         super().__init__()
@@ -138,10 +172,14 @@ class CLIP(nn.Module):
         self.text_proj = nn.Linear(arch.text_dim, arch.embed_dim, bias=False)
         self.text_embed = TextEncoder(arch)
         self.tokenizer = CaptionTokenizer(arch.vocab, arch.max_words)
+        self.caption_decoder = CaptionDecoder(arch, self.vit.num_tokens) if arch.decoder_layers else None
 
     def parts(self) -> dict[str, nn.Module]:
-        return {"vit": self.vit, "img_proj": self.img_proj, "text_proj": self.text_proj,
-                "text_embed": self.text_embed}
+        parts = {"vit": self.vit, "img_proj": self.img_proj, "text_proj": self.text_proj,
+                 "text_embed": self.text_embed}
+        if self.caption_decoder is not None:
+            parts["caption_decoder"] = self.caption_decoder
+        return parts
 
     def encode_images(self, images):
         """Unit-length image embeddings [B, embed_dim] (from the CLS token)."""
@@ -162,6 +200,29 @@ class CLIP(nn.Module):
     def logits(self, images, ids, mask):
         """Scaled cosine similarities [B_images, B_captions]."""
         return self.logit_scale() * self.encode_images(images) @ self.encode_texts(ids, mask).T
+
+    def losses(self, images, ids, mask, same) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(InfoNCE, mean caption-word cross-entropy or None without a decoder) of one batch; the
+        ViT runs once for both."""
+        tokens = self.vit(images)
+        image_emb = F.normalize(self.img_proj(tokens[:, 0]).float(), dim=-1)
+        contrastive = info_nce(self.logit_scale() * image_emb @ self.encode_texts(ids, mask).T, same)
+        if self.caption_decoder is None:
+            return contrastive, None
+        return contrastive, self.caption_decoder.nll(tokens, ids, mask).sum() / mask.sum()
+
+    @torch.no_grad()
+    def caption_scores(self, image, captions: list[str]) -> torch.Tensor:
+        """How well each caption fits one image [3, S, S] -> [K]: the decoder's log-likelihood when
+        there is one (which also holds its prior over captions: a caption it never saw, such as an
+        unseen colour-shape pair, scores lower), else the cosine similarity of the embeddings.
+        Used by the attribute probes."""
+        ids, mask = self.tokenizer.batch(captions)
+        ids, mask = ids.to(image.device), mask.to(image.device)
+        if self.caption_decoder is not None:
+            tokens = self.vit(image[None]).expand(len(captions), -1, -1)
+            return -self.caption_decoder.nll(tokens, ids, mask)
+        return (self.encode_images(image[None]) @ self.encode_texts(ids, mask).T)[0]
 
 
 def info_nce(logits: torch.Tensor, same: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,8 +247,10 @@ def load_clip(ckpt_dir: str, device="cpu") -> CLIP:
     from omni.inference import load_component
     from omni.stages.vision import VisionStage
     weights, config, path = load_component(ckpt_dir, VisionStage.prefix, list(VisionStage.weight_keys),
-                                           VisionStage.make_command)
+                                           VisionStage.make_command, optional=("caption_decoder",))
     model = CLIP(VisionArch.from_config(config))
+    if "caption_decoder" not in weights:    # an export may leave it out: the SFT stage needs the ViT only
+        model.caption_decoder = None
     for key, module in model.parts().items():
         module.load_state_dict(weights[key])
     return model.to(device).eval()

@@ -14,7 +14,7 @@ from PIL import Image
 from omni.data import demo, speech, world
 
 COUNTS = {"images": (24, 6, 8), "text": (120, 30, 40), "asr": (10, 3, 6), "tts": (8, 3, 4),
-          "speech_qa": (8, 4, 8), "image_qa": (24, 6, 8), "text_sft": (10, 4, 6)}
+          "speech_qa": (8, 4, 8), "image_qa": (24, 6, 8), "text_sft": (10, 4, 6), "caption_sft": (6, 3, 3)}
 SPLITS = ("train", "val", "test")
 SPOKEN = re.compile(r"^[a-z]+( [a-z]+)*$")
 OBJ = re.compile(r"(small|big) (\w+) (\w+)")
@@ -76,7 +76,7 @@ def test_layout_and_counts(out, built):
         assert c["images"] == COUNTS["images"][i] == len(_jsonl(out / f"image_caption_{split}.jsonl"))
         assert c["asr"] == COUNTS["asr"][i] == len(_jsonl(out / f"asr_{split}.jsonl"))
         assert c["tts"] == len(_jsonl(out / f"tts_{split}.jsonl")) == COUNTS["tts"][i]
-        n_sft = COUNTS["image_qa"][i] + COUNTS["speech_qa"][i] + COUNTS["text_sft"][i]
+        n_sft = sum(COUNTS[k][i] for k in ("image_qa", "speech_qa", "text_sft", "caption_sft"))
         assert c["sft"] == n_sft == len(_jsonl(out / f"sft_{split}.jsonl"))
         assert len((out / "text" / f"{split}.txt").read_text().splitlines()) == COUNTS["text"][i]
     assert built[1]["out_dir"] == str(out.resolve())
@@ -94,8 +94,8 @@ def test_manifests_reference_existing_files_of_their_split(out):
                         assert Path(r[key]).name.startswith(f"{split}_"), (split, r[key])
                         referenced.add(r[key])
         for r in _jsonl(out / f"sft_{split}.jsonl"):
-            assert r["kind"] in ("image_qa", "speech_qa", "text")
-            assert ("image" in r) == (r["kind"] == "image_qa")
+            assert r["kind"] in ("image_qa", "speech_qa", "text", "caption")
+            assert ("image" in r) == (r["kind"] in ("image_qa", "caption"))
             assert ("audio" in r) == ("transcript" in r) == (r["kind"] == "speech_qa")
             assert [t["role"] for t in r["conversation"]] == ["user", "assistant"]
     on_disk = {p.relative_to(out).as_posix() for p in (out / "images").iterdir()}
@@ -181,6 +181,38 @@ def test_image_answers_match_the_caption(out):
             else:
                 m = re.fullmatch(r"what shape is (above|below|left of|right of) the (\w+)\?", q)
                 assert m and f"{a} {m[1]} a " in captions[r["image"]], (q, a, captions[r["image"]])
+
+
+def test_topics_name_what_each_conversation_asks(out):
+    """The per-topic accuracies of Stage E read these fields: image questions by kind, facts and
+    sums (held-out ones apart), chat, and captions whose answer is the image's caption."""
+    heldout = set(json.loads((out / "world.json").read_text())["heldout"]["sum_phrases"])
+    for split in SPLITS:
+        captions = {r["image"]: r["caption"] for r in _jsonl(out / f"image_caption_{split}.jsonl")}
+        for r in _jsonl(out / f"sft_{split}.jsonl"):
+            q, a = (t["content"] for t in r["conversation"])
+            topic, text = r["topic"], r.get("transcript", q)
+            if r["kind"] == "image_qa":
+                expected = {"what colour": "colour", "what shape is the": "shape", "is the ": "size",
+                            "how many": "count", "what shape is": "relation", "is there": "yes_no"}
+                assert topic == next(v for k, v in expected.items() if q.startswith(k)), (q, topic)
+            elif r["kind"] == "caption":
+                assert topic == "caption" and q in world.CAPTION_PROMPTS and a == captions[r["image"]]
+            elif " plus " in text:
+                assert topic == ("heldout_sums" if any(world.mentions(text, p) for p in heldout) else "arithmetic")
+            elif topic == "chat":
+                assert r["kind"] == "text" and (q, a) in world.CHAT
+            else:
+                assert topic == "facts" and (text, a) not in world.CHAT
+
+
+def test_ensure_rebuilds_a_world_of_an_older_generator(built):
+    target = built[0] / "old"
+    demo.build_demo_world(target, size="tiny", seed=1, counts=COUNTS, progress=False)
+    (target / "DONE").write_text(json.dumps({"generator_version": 1, "seed": 1, "size": "tiny"}))
+    info = demo.ensure_demo_world(target, size="tiny", seed=1, counts=COUNTS, progress=False)
+    assert info["built"] is True
+    assert json.loads((target / "DONE").read_text())["generator_version"] == demo.GENERATOR_VERSION
 
 
 def test_spoken_arithmetic_answers(out):

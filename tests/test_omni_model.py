@@ -73,3 +73,53 @@ def test_answer_generation_uses_the_same_prompt(model):
     full, _ = model.training_sequence(conversation("hi", "x"), media)
     prompt = model.prompt_embeddings("hi", media)[0]
     assert torch.equal(full[:prompt.shape[0]], prompt)
+
+
+class FakeReader(nn.Module):
+    def forward(self, hidden, mask):
+        return ["what is two plus two"] * hidden.shape[0]
+
+
+def test_a_transcriber_writes_what_it_heard_before_the_typed_question(model):
+    """With audio_transcript, the prompt holds the audio frames and then the words heard, as text."""
+    mel = torch.randn(10, 6)
+    plain = model.prompt_embeddings("", model.encode_media([None], [mel])[0])
+    model.transcriber = FakeReader()
+    try:
+        media = model.encode_media([None], [mel])[0]
+        assert media.transcript == "what is two plus two"
+        heard = model.prompt_embeddings("", media)
+        typed = model.prompt_embeddings("please", media)
+    finally:
+        model.transcriber = None
+    words = model.tok.encode("what is two plus two")
+    assert heard.shape[1] == plain.shape[1] + len(words)
+    assert torch.equal(heard[0, -len(words) - 1:-1], model._ids(words))          # right before <assistant>
+    assert torch.equal(heard[0, :plain.shape[1] - 1], plain[0, :-1])             # the frames are unchanged
+    assert typed.shape[1] == len(model.tok.encode("what is two plus two please")) + plain.shape[1]
+
+
+def test_answer_counts_per_kind_topic_and_caption_words():
+    from omni.stages.omni_sft import AnswerCounts
+    records = [{"kind": "image_qa", "topic": "colour"}, {"kind": "image_qa", "topic": "shape"},
+               {"kind": "speech_qa", "topic": "heldout_sums"}, {"kind": "text"}, {"kind": "caption"},
+               {"kind": "asr"}]
+    counts = AnswerCounts(records)
+    assert counts.names == ["caption_word_acc", "image_acc", "image_colour", "image_shape", "speech_acc",
+                            "speech_heldout_sums", "text_acc"]
+    counts.add("image_qa", "colour", "red", " red ")
+    counts.add("image_qa", "colour", "red", "an red")
+    counts.add("image_qa", "shape", "star", "star")
+    counts.add("text", None, "hello how can i help", "hello")
+    counts.add("caption", "caption", "a big red circle above a small blue star", "a big red circle above a blue star")
+    got = counts.results()
+    assert got["image_acc"] == 2 / 3 and got["image_colour"] == 0.5 and got["image_shape"] == 1.0
+    assert got["text_acc"] == 0.0 and got["caption_word_acc"] == 8 / 9       # one word missing of nine
+    assert "speech_acc" not in got                                           # nothing asked: no figure
+    # ranks sum one list in one order; a rank that saw no caption still adds its zeros
+    other = AnswerCounts(records)
+    other.add("speech_qa", "heldout_sums", "nine", "nine")
+    mine = [counts.right[k] for k in counts.names] + [counts.asked[k] for k in counts.names]
+    merged = other.results(lambda theirs: [a + b for a, b in zip(mine, theirs)])
+    assert merged["speech_heldout_sums"] == 1.0 and merged["image_acc"] == 2 / 3
+    assert merged["caption_word_acc"] == 8 / 9

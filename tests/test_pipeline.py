@@ -32,9 +32,27 @@ def trained(demo_tiny, tmp_path_factory):
 
 
 def table_rows(stdout: str) -> dict:
-    """Stage letter -> its row in the closing table."""
+    """Stage letter -> its row in the closing table, and "E test" etc. -> a stage's figures."""
     lines = stdout[stdout.rindex("stage  status"):].splitlines()[1:]
-    return {line[0]: line for line in lines if line[:1] in LETTERS}
+    rows = {}
+    for line in lines:
+        head = line.split(":")[0] if line[1:2] == " " and ":" in line.split()[1] else line[:1]
+        if head[:1] in LETTERS:
+            rows[head] = line
+    return rows
+
+
+def test_table_shows_every_figure_with_held_out_ones_apart():
+    from omni.pipeline import StageRun, table
+    run = StageRun("E", "e.json", status="trained", steps=30, save_dir="ckpt/omni")
+    names = ["loss", "image_acc", "image_colour", "image_shape", "image_size", "speech_acc", "text_acc"]
+    run.metrics = {**{f"val_{k}": i / 10 for i, k in enumerate(names)},
+                   **{f"test_{k}": i / 100 for i, k in enumerate(names)}, "note": "words"}
+    text = table([run])
+    val, test = text.split("E val:")[1].split("E test:")
+    for i, k in enumerate(names):        # every figure, not the first four
+        assert f"{k} {i / 10:.3g}" in val and f"{k} {i / 100:.3g}" in test
+    assert "note" not in text and all(len(line) <= 110 for line in text.splitlines())
 
 
 def final_checkpoint(save_dir, prefix) -> str:
@@ -50,7 +68,7 @@ def test_pipeline_trains_every_stage_then_skips_them(trained):
         assert "trained" in rows[s] and configs[s]["save_dir"] in rows[s], rows[s]
         assert os.path.isfile(final_checkpoint(configs[s]["save_dir"], prefixes[s]))
         assert os.path.isfile(os.path.join(configs[s]["save_dir"], "curves.png"))
-    assert "val_loss" in rows["E"] and "9" in rows["A"].split()[2]          # steps column
+    assert "image_acc" in rows["E test"] and "loss" in rows["E val"] and "9" in rows["A"].split()[2]
 
     metrics = os.path.join(configs["E"]["save_dir"], "metrics.jsonl")
     before = open(metrics).read()

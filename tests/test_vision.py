@@ -8,7 +8,7 @@ import torch
 
 from conftest import load_pt, run_script, write_config
 from omni.config import UserError
-from omni.metrics import retrieval_accuracy, retrieval_hits
+from omni.metrics import parse_probe_groups, retrieval_accuracy, retrieval_hits, swap_probes
 from omni.vision import (CLS, LOG_SCALE_MAX, PAD, UNK, CLIP, CaptionTokenizer, ViT, VisionArch, build_vocab,
                          info_nce, load_clip, load_vision_encoder)
 
@@ -118,7 +118,9 @@ def test_retrieval_accuracy_on_a_constructed_gallery():
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory, demo_tiny):
     folder = tmp_path_factory.mktemp("vision")
-    cfg = vision_config(demo_tiny, folder / "run", max_steps=6, eval_interval=6, checkpoint_freq=6)
+    cfg = vision_config(demo_tiny, folder / "run", max_steps=6, eval_interval=6, checkpoint_freq=6, decoder_layers=1,
+                        probe_groups=["shape=circle|square|triangle|star|diamond", "colour=red|green|blue|yellow|purple|orange"],
+                        probe_images=6)
     run_script("train_vision.py", "--config", write_config(folder / "cfg.json", cfg), check=True)
     return str(folder / "run")
 
@@ -173,3 +175,83 @@ def test_retrieval_beats_chance_on_the_tiny_world(demo_tiny, tmp_path):
     with open(tmp_path / "learn" / "metrics.jsonl") as f:
         val = [json.loads(line) for line in f if '"val"' in line][-1]
     assert val["i2t_top1"] > 0.3, val
+
+
+# ----------------------------------------------------------------------------- captioning and probes
+def test_caption_decoder_is_causal_and_scores_whole_captions():
+    torch.manual_seed(0)
+    model = CLIP(tiny_arch(decoder_layers=1)).eval()
+    assert "caption_decoder" in model.parts() and "caption_decoder" not in CLIP(tiny_arch()).parts()
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    ids, mask = model.tokenizer.batch(["a red circle", "a red circle above a blue square"])
+    tokens = model.vit(images)
+    logits = model.caption_decoder(tokens, ids)
+    assert logits.shape == (2, ids.shape[1], model.tokenizer.vocab_size)
+    changed = ids.clone()
+    changed[1, 3] = UNK                   # a later word cannot change what came before it
+    assert torch.allclose(model.caption_decoder(tokens, changed)[1, :3], logits[1, :3], atol=1e-6)
+    nll = model.caption_decoder.nll(tokens, ids, mask)
+    # the short caption is scored on its 3 words and its end, never on the padding after it
+    ids_short, mask_short = model.tokenizer.batch(["a red circle"])
+    assert torch.allclose(nll[0], model.caption_decoder.nll(tokens[:1], ids_short, mask_short)[0], atol=1e-5)
+    scores = model.caption_scores(images[0], ["a red circle", "a blue circle"])
+    assert scores.shape == (2,) and torch.allclose(scores[0], -nll[0], atol=1e-5)
+
+
+def test_captioning_learns_to_tell_one_shape_from_another():
+    """A decoder that can see the image must learn what a shape-only probe asks; the loss of one
+    batch falls and the probe of that batch goes right."""
+    from PIL import Image, ImageDraw
+    from omni.data.image import read_image
+
+    def picture(shape, path):
+        im = Image.new("RGB", (64, 64), (240, 240, 240))
+        draw = ImageDraw.Draw(im)
+        (draw.ellipse if shape == "circle" else draw.rectangle)((16, 16, 48, 48), fill=(200, 30, 30))
+        im.save(path)
+        return read_image(str(path), 64)
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        images = torch.stack([picture(s, os.path.join(d, f"{s}.png")) for s in ("circle", "square")])
+    captions = ["a red circle", "a red square"]
+    torch.manual_seed(0)
+    model = CLIP(tiny_arch(decoder_layers=1, vocab=build_vocab(captions + ["a red square"])))
+    ids, mask = model.tokenizer.batch(captions)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    same = torch.eye(2, dtype=torch.bool)
+    for _ in range(60):
+        _, captioning = model.losses(images, ids, mask, same)
+        opt.zero_grad()
+        captioning.backward()
+        opt.step()
+    model.eval()
+    groups = parse_probe_groups(["shape=circle|square"])
+    for image, caption in zip(images, captions):
+        [candidates] = swap_probes(caption.split(), groups["shape"])
+        scores = model.caption_scores(image, [" ".join(c) for c in candidates])
+        assert candidates[0] == caption.split() and scores[0] > scores[1]
+
+
+def test_swap_probes_replace_one_occurrence_at_a_time():
+    groups = parse_probe_groups(["colour=red|blue|green", "relation=above|left of|right of"])
+    assert groups["relation"] == [["above"], ["left", "of"], ["right", "of"]]
+    words = "a red circle left of a blue square".split()
+    colour = swap_probes(words, groups["colour"])
+    assert [c[0] for c in colour] == [words, words] and len(colour[0]) == 3
+    assert colour[0][1:] == ["a blue circle left of a blue square".split(), "a green circle left of a blue square".split()]
+    assert colour[1][1] == "a red circle left of a red square".split()
+    [relation] = swap_probes(words, groups["relation"])
+    assert relation[1:] == ["a red circle above a blue square".split(), "a red circle right of a blue square".split()]
+    assert swap_probes("a big star".split(), groups["colour"]) == []
+    for bad in (["shape"], ["shape=circle"], ["=a|b"]):
+        with pytest.raises(ValueError, match="probe_groups"):
+            parse_probe_groups(bad)
+
+
+def test_probes_are_reported_per_split(trained_dir):
+    """The tiny run of trained_dir has probes on: val and test figures per group, in [0, 1]."""
+    rows = [json.loads(line) for line in open(os.path.join(trained_dir, "metrics.jsonl"))]
+    last = [r for r in rows if r.get("split") == "val"][-1]
+    for name in ("probe_shape", "probe_colour", "test_probe_shape", "test_probe_colour"):
+        assert 0.0 <= last[name] <= 1.0, name

@@ -26,19 +26,19 @@ import soundfile as sf
 
 from omni.data import speech, world
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2   # 2: SFT records carry a topic; captioning conversations
 SPLITS = ("train", "val", "test")
 # Per split (train, val, test).  image_qa/text_sft/speech_qa are SFT record counts.
 SIZE_COUNTS = {
     "tiny": {"images": (240, 30, 30), "text": (1500, 200, 200), "asr": (100, 15, 15),
              "tts": (50, 10, 10), "speech_qa": (50, 10, 10), "image_qa": (240, 30, 30),
-             "text_sft": (100, 15, 15)},
+             "text_sft": (100, 15, 15), "caption_sft": (30, 5, 5)},
     "small": {"images": (4000, 500, 500), "text": (8000, 1000, 1000), "asr": (1600, 200, 200),
               "tts": (800, 100, 100), "speech_qa": (800, 100, 100), "image_qa": (3200, 400, 400),
-              "text_sft": (800, 100, 100)},
+              "text_sft": (800, 100, 100), "caption_sft": (800, 100, 100)},
     "medium": {"images": (20000, 2500, 2500), "text": (40000, 5000, 5000), "asr": (8000, 1000, 1000),
                "tts": (3200, 400, 400), "speech_qa": (3200, 400, 400), "image_qa": (16000, 2000, 2000),
-               "text_sft": (3200, 400, 400)},
+               "text_sft": (3200, 400, 400), "caption_sft": (3200, 400, 400)},
 }
 TTS_VOICE = {"voice": "en", "rate": 175, "pitch": 50}  # espeak's defaults, one voice
 RATE_RANGE, PITCH_RANGE = (130, 200), (30, 70)
@@ -106,8 +106,8 @@ class _Builder:
         hot = [q for q in qs if q[2]]
         if split == "test" and hot and rng.random() < HOT_QUESTION_SHARE:
             qs = hot
-        q, a, _, _ = world.pick_question(qs, rng, QUESTION_WEIGHTS)
-        return q, a
+        q, a, _, kind = world.pick_question(qs, rng, QUESTION_WEIGHTS)
+        return q, a, world.question_topic(kind)
 
     def queue_clip(self, split, text, voice, rate, pitch) -> str:
         rel = f"speech/{split}_{self.clip_index[split]:05d}.wav"
@@ -140,7 +140,7 @@ class _Builder:
             scene = self.scene(rng, split)
             line = world.caption(scene)
             if kind == "scene_qa":
-                line += " " + " ".join(self.image_qa(rng, split, scene))
+                line += " " + " ".join(self.image_qa(rng, split, scene)[:2])
             return line
         if kind == "chat":
             return " ".join(rng.choice(world.CHAT))
@@ -201,29 +201,38 @@ class _Builder:
         _write_jsonl(self.root / f"tts_{split}.jsonl", records)
         self.stats[split]["tts"] = len(records)
 
+    def fact_topic(self, fact: world.Fact) -> str:
+        if fact.sum_pair is None:
+            return "facts"
+        return "heldout_sums" if world.is_heldout_fact(fact, self.heldout_sums) else "arithmetic"
+
     def sft(self, split, scenes) -> None:
         rng = _rng(self.seed, split, "sft")
         records = []
         for i in range(self.counts["image_qa"][split]):
             rel, scene = scenes[i % len(scenes)]
-            q, a = self.image_qa(rng, split, scene)
-            records.append({"kind": "image_qa", "image": rel, "conversation": _turns(q, a)})
+            q, a, topic = self.image_qa(rng, split, scene)
+            records.append({"kind": "image_qa", "topic": topic, "image": rel, "conversation": _turns(q, a)})
         for _ in range(self.counts["speech_qa"][split]):
             fact = self.fact(rng, split)
             audio = self.varied_clip(rng, split, fact.question)
-            records.append({"kind": "speech_qa", "audio": audio, "transcript": fact.question,
-                            "conversation": _turns("", fact.answer)})
+            records.append({"kind": "speech_qa", "topic": self.fact_topic(fact), "audio": audio,
+                            "transcript": fact.question, "conversation": _turns("", fact.answer)})
         for _ in range(self.counts["text_sft"][split]):
             if rng.random() < 0.3:
-                user, answer = rng.choice(world.CHAT)
+                (user, answer), topic = rng.choice(world.CHAT), "chat"
             else:
                 fact = self.fact(rng, split)
-                user, answer = world.as_question(fact.question), fact.answer
-            records.append({"kind": "text", "conversation": _turns(user, answer)})
+                user, answer, topic = world.as_question(fact.question), fact.answer, self.fact_topic(fact)
+            records.append({"kind": "text", "topic": topic, "conversation": _turns(user, answer)})
+        for i in range(self.counts["caption_sft"][split]):
+            rel, scene = scenes[-1 - i % len(scenes)]    # from the end: other images than the first questions'
+            records.append({"kind": "caption", "topic": "caption", "image": rel,
+                            "conversation": _turns(rng.choice(world.CAPTION_PROMPTS), world.caption(scene))})
         rng.shuffle(records)  # interleave kinds: a loader reading a prefix sees all three
         _write_jsonl(self.root / f"sft_{split}.jsonl", records)
         self.stats[split]["sft"] = len(records)
-        for kind in ("image_qa", "speech_qa", "text"):
+        for kind in ("image_qa", "speech_qa", "text", "caption"):
             self.stats[split][f"sft_{kind}"] = sum(r["kind"] == kind for r in records)
 
     def synthesize_all(self, progress: bool) -> None:
@@ -327,12 +336,23 @@ def build_demo_world(out_dir, size: str = "tiny", seed: int = 0, counts: dict | 
     return {**info, "out_dir": str(out), "build_seconds": round(time.time() - start, 1)}
 
 
+def _built_version(out: Path):
+    try:
+        return json.loads((out / "DONE").read_text()).get("generator_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def ensure_demo_world(out_dir, size: str = "small", seed: int = 0, counts: dict | None = None,
                       progress: bool = True) -> dict:
     """Build the demo world unless out_dir already holds a finished one (its DONE marker).
     An existing finished world is kept as is, whatever size it was built with.  A lock
     file beside out_dir makes concurrent callers (e.g. torchrun ranks) wait for one build."""
     out = Path(out_dir).resolve()
+    if (out / "DONE").exists() and _built_version(out) != GENERATOR_VERSION:
+        print(f"{out}: built by demo generator version {_built_version(out)}; rebuilding with version "
+              f"{GENERATOR_VERSION}", flush=True)
+        (out / "DONE").unlink()
     if not (out / "DONE").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out.parent / f".{out.name}.lock", "w") as lock:

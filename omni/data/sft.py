@@ -9,7 +9,7 @@ ROLES = ("user", "assistant")
 
 
 def read_sft_manifest(path: str) -> list[dict]:
-    return read_manifest(path, ["conversation"], optional=("image", "audio", "kind", "transcript"))
+    return read_manifest(path, ["conversation"], optional=("image", "audio", "kind", "topic", "transcript"))
 
 
 def check_conversation(conversation) -> list[dict]:
@@ -26,7 +26,7 @@ def check_conversation(conversation) -> list[dict]:
 
 
 class SFTDataset(ManifestDataset):
-    """{"conversation", "kind", "image": [3,S,S] or None, "mel": [T, n_mels] or None}."""
+    """{"conversation", "kind", "topic" (or None), "image": [3,S,S] or None, "mel": [T, n_mels] or None}."""
 
     def __init__(self, records, image_size: int = 64, spec: MelSpec = MelSpec(), resize: str = "squash", **kw):
         super().__init__(records, **kw)
@@ -35,7 +35,7 @@ class SFTDataset(ManifestDataset):
 
     def load(self, record, generator):
         sample = {"conversation": check_conversation(record["conversation"]),
-                  "kind": record.get("kind", "text"), "image": None, "mel": None}
+                  "kind": record.get("kind", "text"), "topic": record.get("topic"), "image": None, "mel": None}
         if "image" in record:
             sample["image"] = read_image(record["image"], self.image_size, self.resize)
         if "audio" in record:

@@ -212,6 +212,15 @@ def image_questions(scene: Scene, rng: random.Random, heldout: list, allow_heldo
     return qs
 
 
+def question_topic(kind: str) -> str:
+    """The accuracy an image question counts towards: its kind, with both yes/no kinds as one."""
+    return "yes_no" if kind.startswith("exists") else kind
+
+
+# What a user types to get the picture described (answered with its caption).
+CAPTION_PROMPTS = ("describe the picture", "describe the image", "what do you see?", "what is in the picture?")
+
+
 def pick_question(qs: list, rng: random.Random, weights: dict) -> tuple:
     """Choose a question kind first (so answers stay balanced: one "yes" per object would
     otherwise swamp the data), then a question of that kind."""

@@ -8,6 +8,7 @@ from omni.config import TrainConfig, choice
 from omni.data.image import RESIZE_MODES
 from omni.data.common import require_files
 from omni.data.manifest import read_manifest
+from omni.metrics import error_counts
 from omni.data.sft import SFTDataset, read_sft_manifest
 from omni.inference import load_omni_parts
 from omni.omni_model import OmniModel, Projector
@@ -16,7 +17,7 @@ from omni.stage import Stage
 
 ASR_PROMPT = "what did you hear?"          # auxiliary task: write down the speech
 CAPTION_PROMPT = "describe the picture"    # auxiliary task: caption the image
-QA_KINDS = ("image_qa", "speech_qa", "text")
+SCORED = {"image_qa": "image", "speech_qa": "speech", "text": "text", "caption": "caption"}   # kind -> metric name
 
 
 @dataclass
@@ -31,10 +32,47 @@ class OmniSFTConfig(TrainConfig):
     caption_manifest: str = ""      # optional auxiliary captioning task (image, caption)
     freeze_encoders: bool = True
     freeze_thinker: bool = False
+    audio_transcript: bool = False  # also write Stage B's CTC transcript of the audio into the prompt
     image_size: int = 64
     image_resize: str = choice(*RESIZE_MODES)   # as the vision stage was trained (omni/data/image.py)
     qa_eval_limit: int = 0          # answers generated per split for accuracy; 0 = all
     max_answer_tokens: int = 16
+
+
+def figure_names(kind: str, topic: str | None) -> list[str]:
+    """The figures a scored conversation counts towards: "image_acc" and "image_colour", or
+    "caption_word_acc" (captions are long: words right, 1 - word error rate)."""
+    name = SCORED[kind]
+    if kind == "caption":
+        return [f"{name}_word_acc"]
+    return [f"{name}_acc"] + ([f"{name}_{topic}"] if topic else [])
+
+
+class AnswerCounts:
+    """Right and asked per figure. The names come from the records, which every rank reads alike,
+    so all ranks sum the same list (a rank that saw no question of a topic adds zeros)."""
+
+    def __init__(self, records: list[dict]):
+        names = {n for r in records if r.get("kind", "text") in SCORED
+                 for n in figure_names(r.get("kind", "text"), r.get("topic"))}
+        self.names = sorted(names)
+        self.right, self.asked = dict.fromkeys(self.names, 0.0), dict.fromkeys(self.names, 0.0)
+
+    def add(self, kind: str, topic: str | None, expected: str, got: str) -> None:
+        expected, got = expected.strip(), got.strip()
+        for name in figure_names(kind, topic):
+            if kind == "caption":
+                edits, words = error_counts(expected, got, "word")
+                self.right[name] += max(words - edits, 0)
+                self.asked[name] += words
+            else:
+                self.right[name] += float(got == expected)
+                self.asked[name] += 1
+
+    def results(self, sum_over_ranks=lambda xs: xs) -> dict:
+        n = len(self.names)
+        sums = sum_over_ranks([self.right[k] for k in self.names] + [self.asked[k] for k in self.names])
+        return {k: sums[i] / sums[n + i] for i, k in enumerate(self.names) if sums[n + i]}
 
 
 def auxiliary_records(path: str, media: str, text: str, prompt: str, kind: str) -> list[dict]:
@@ -60,10 +98,10 @@ class OmniSFTStage(Stage):
             manifests = {k: v for k, v in manifests.items() if k in ("val_manifest", "test_manifest")}
         require_files(cfg, manifests, rt)
         parts = load_omni_parts(cfg.thinker_dir, cfg.audio_enc_dir, cfg.vision_dir, rt.device)
-        thinker, tokenizer, audio_enc, vision = parts
+        thinker, tokenizer, audio_enc, vision, reader = parts
         d = thinker.arch.d_model
         self.model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d), Projector(vision.out_dim, d),
-                               audio_enc, vision)
+                               audio_enc, vision, reader.requires_grad_(False) if cfg.audio_transcript else None)
         self.modules = {"thinker": thinker, "proj_a": self.model.proj_a, "proj_v": self.model.proj_v}
         for name, enc in (("audio_enc", audio_enc), ("vision", vision)):
             enc.requires_grad_(not cfg.freeze_encoders)
@@ -103,24 +141,19 @@ class OmniSFTStage(Stage):
         return metrics
 
     def answer_accuracy(self, dataset) -> dict:
-        """Exact-match accuracy of greedy answers, per kind of question."""
-        correct = {k: 0.0 for k in QA_KINDS}
-        total = {k: 0.0 for k in QA_KINDS}
+        """Exact-match accuracy of greedy answers per kind of question ("image_acc", ...) and per
+        topic where records name one ("image_colour", ...); word accuracy of captions."""
         indices = list(range(len(dataset)))
         if self.cfg.qa_eval_limit:
             indices = indices[:self.cfg.qa_eval_limit]
+        counts = AnswerCounts([dataset.records[i] for i in indices])
         for i in indices[self.rt.rank::self.rt.world_size]:
             sample = dataset[(i, 0)]
-            if sample is None or sample["kind"] not in total or len(sample["conversation"]) != 2:
+            if sample is None or sample["kind"] not in SCORED or len(sample["conversation"]) != 2:
                 continue
             question, expected = (t["content"] for t in sample["conversation"])
+            limit = self.cfg.max_answer_tokens * (3 if sample["kind"] == "caption" else 1)
             with self.rt.autocast():
-                ids = list(self.model.answer(question, sample["image"], sample["mel"], self.cfg.max_answer_tokens))
-            got = self.model.tok.decode(ids).strip()
-            correct[sample["kind"]] += float(got == expected.strip())
-            total[sample["kind"]] += 1
-        sums = self.rt.sum([correct[k] for k in QA_KINDS] + [total[k] for k in QA_KINDS])
-        n = len(QA_KINDS)
-        names = {"image_qa": "image_acc", "speech_qa": "speech_acc", "text": "text_acc"}
-        return {names[k]: sums[i] / sums[n + i] for i, k in enumerate(QA_KINDS) if sums[n + i]}
-
+                ids = list(self.model.answer(question, sample["image"], sample["mel"], limit))
+            counts.add(sample["kind"], sample["topic"], expected, self.model.tok.decode(ids))
+        return counts.results(self.rt.sum)

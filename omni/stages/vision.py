@@ -1,7 +1,7 @@
 """Stage C: the ViT vision encoder, trained contrastively against captions (docs/stage_c_vision.md)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,10 +10,10 @@ from omni.data.common import require_files
 from omni.config import choice
 from omni.data.image import RESIZE_MODES, ImageCaptionDataset
 from omni.data.manifest import read_manifest
-from omni.metrics import retrieval_hits
+from omni.metrics import parse_probe_groups, retrieval_hits, swap_probes
 from omni.logs import log
 from omni.stage import Stage, make_loader, to_device
-from omni.vision import CLIP, VisionArch, build_vocab, info_nce
+from omni.vision import CLIP, VisionArch, build_vocab, caption_words, info_nce
 
 
 @dataclass
@@ -26,6 +26,11 @@ class VisionConfig(TrainConfig, VisionArch):
     max_shift: int = 4                 # training shift augmentation in pixels (no flips, no colour changes)
     image_resize: str = choice(*RESIZE_MODES)   # how any image becomes image_size square (omni/data/image.py)
     gallery_size: int = 100            # retrieval among consecutive chunks of this many pairs; 0 = whole split
+    caption_weight: float = 1.0        # weight of the caption decoder's loss (when decoder_layers > 0)
+    # Attribute probes at each validation: "name=word|word|..." groups of interchangeable words; for
+    # each occurrence in a caption, is the true caption scored above its swaps? [] = no probes.
+    probe_groups: list[str] = field(default_factory=list)
+    probe_images: int = 200            # images of each split probed (the first ones; 0 = all)
     save_dir: str = "checkpoints/vision_tiny"
 
 
@@ -47,6 +52,7 @@ class VisionStage(Stage):
             self.train_data = self.dataset(train, cfg.max_shift)
         self.val_data = self.dataset(self.records(cfg.val_manifest))
         self.test_data = self.dataset(self.records(cfg.test_manifest)) if cfg.test_manifest else None
+        self.probe_groups = parse_probe_groups(cfg.probe_groups)
         self.model = CLIP(VisionArch.from_config(cfg))
         self.modules = self.model.parts()
         log(self.rt, f"vision: {len(self.train_data or [])} training pairs, {len(self.val_data)} validation pairs, "
@@ -69,9 +75,12 @@ class VisionStage(Stage):
         return {"images": torch.stack([s["image"] for s in samples]), "ids": ids, "mask": mask, "same": same}
 
     def loss(self, batch):
-        logits = self.model.logits(batch["images"], batch["ids"], batch["mask"])
-        return info_nce(logits, batch["same"]), {
-            "n_images": logits.shape[0], "logit_scale": self.model.logit_scale().item()}
+        contrastive, captioning = self.model.losses(batch["images"], batch["ids"], batch["mask"], batch["same"])
+        extra = {"n_images": batch["images"].shape[0], "logit_scale": self.model.logit_scale().item()}
+        if captioning is None:
+            return contrastive, extra
+        extra.update(contrastive=contrastive.item(), captioning=captioning.item())
+        return contrastive + self.cfg.caption_weight * captioning, extra
 
     def galleries(self, dataset):
         """This rank's galleries (gallery_size consecutive pairs each; the last may be smaller)."""
@@ -95,10 +104,38 @@ class VisionStage(Stage):
             totals = [t + c for t, c in zip(totals, counts)]
         return totals
 
+    def probe(self, dataset) -> list[float]:
+        """[right, asked] per probe group over this rank's share of the first probe_images images."""
+        counts = [0.0] * (2 * len(self.probe_groups))
+        n = min(len(dataset), self.cfg.probe_images or len(dataset))
+        for i in range(self.rt.rank, n, self.rt.world_size):
+            sample = dataset[(i, 0)]
+            if sample is None:
+                continue
+            words = caption_words(sample["caption"])
+            probes = [(g, c) for g, options in enumerate(self.probe_groups.values()) for c in swap_probes(words, options)]
+            if not probes:
+                continue
+            captions = [" ".join(c) for _, candidates in probes for c in candidates]
+            with self.rt.autocast():
+                scores = self.model.caption_scores(sample["image"].to(self.rt.device), captions).tolist()
+            for g, candidates in probes:    # the true caption must beat every swap of its group
+                mine, scores = scores[:len(candidates)], scores[len(candidates):]
+                counts[2 * g] += float(mine[0] > max(mine[1:]))
+                counts[2 * g + 1] += 1
+        return counts
+
     def evaluate(self):
-        loss, n, i2t, t2i = self.rt.sum(self.score(self.val_data))
-        out = {"val_loss": loss / max(n, 1), "i2t_top1": i2t / max(n, 1), "t2i_top1": t2i / max(n, 1)}
-        if self.test_data is not None:
-            loss, n, i2t, t2i = self.rt.sum(self.score(self.test_data))
-            out.update(test_loss=loss / max(n, 1), test_i2t_top1=i2t / max(n, 1), test_t2i_top1=t2i / max(n, 1))
+        out = {}
+        for split, data in (("val", self.val_data), ("test", self.test_data)):
+            if data is None:
+                continue
+            loss, n, i2t, t2i = self.rt.sum(self.score(data))
+            name = "" if split == "val" else "test_"   # the val names predate the test split
+            out.update({f"{split}_loss": loss / max(n, 1), f"{name}i2t_top1": i2t / max(n, 1),
+                        f"{name}t2i_top1": t2i / max(n, 1)})
+            if self.probe_groups:
+                counts = self.rt.sum(self.probe(data))
+                out.update({f"{name}probe_{g}": counts[2 * k] / max(counts[2 * k + 1], 1)
+                            for k, g in enumerate(self.probe_groups)})
         return out
