@@ -160,9 +160,8 @@ class ASR(nn.Module):
 # ----------------------------------------------------------------------------- loading
 def _load(ckpt_dir: str, device) -> ASR:
     from omni.inference import load_component
-    from omni.stages.audio_enc import AudioEncStage
-    weights, config, path = load_component(ckpt_dir, AudioEncStage.prefix, list(AudioEncStage.weight_keys),
-                                           AudioEncStage.make_command)
+    from omni.registry import STAGES
+    weights, config, path = load_component(ckpt_dir, STAGES["B"])
     model = ASR(AudioEncArch.from_config(config))
     model.enc.load_state_dict(weights["enc"])
     model.head.load_state_dict(weights["head"])

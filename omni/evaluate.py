@@ -32,7 +32,8 @@ from omni.config import UserError, build_config, parse_override, read_json
 from omni.export import COMPONENT_DIRS, checkpoint_in, read_checkpoint
 from omni.inference import read_export, resolve_dir, stage_prefix_in
 from omni.runtime import setup_runtime, teardown
-from omni.stages import letter_of, prefixes, stage_class
+from omni.registry import letter_of, prefixes
+from omni.stages import stage_class
 from omni.cli import run_cli
 from omni.training_utils import ResumeOptions, build_trainer, validate
 

@@ -29,10 +29,11 @@ from safetensors.torch import save_file
 from omni import checkpoint as ckpt
 from omni.config import UserError
 from omni.inference import load_component, resolve_dir
-from omni.stages import letter_of, prefixes
+from omni.registry import STAGES, letter_of, prefixes
 from omni.cli import run_cli
 
-COMPONENT_DIRS = {"thinker_dir": "thinker", "audio_enc_dir": "audio_enc", "vision_dir": "vision"}
+# Stage E's component folders (config key -> subfolder of the export, named by the component's prefix)
+COMPONENT_DIRS = {key: STAGES[letter].prefix for key, letter in STAGES["E"].components}
 FORMATS = ("omni", "pt", "hf", "gguf")
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -101,7 +102,7 @@ def export(source: str, out: str, fmt: str = "omni", dtype: str = "f32") -> list
     folder = os.path.dirname(path)
     os.makedirs(out, exist_ok=True)
     written = []
-    if prefix == "omni":       # bring the components along, and point the config at them
+    if prefix == STAGES["E"].prefix:       # bring the components along, and point the config at them
         config = dict(config)
         for key, sub in COMPONENT_DIRS.items():
             written += export(resolve_dir(folder, config[key]), os.path.join(out, sub), fmt)
@@ -128,16 +129,15 @@ def export(source: str, out: str, fmt: str = "omni", dtype: str = "f32") -> list
 def export_thinker(obj, config: dict, path: str, prefix: str, out: str, fmt: str, dtype: str) -> list[str]:
     """The Thinker of a Stage A or Stage E checkpoint as a Llama (hf folder or gguf file)."""
     from omni import export_llama
-    from omni.stages.omni_sft import OmniSFTStage
-    from omni.stages.text import TextStage
     from omni.thinker import ThinkerArch
-    if prefix == TextStage.prefix:
-        weights, thinker_dir = ckpt.weights_of(obj, ["model"], path)["model"], os.path.dirname(path)
-    elif prefix == OmniSFTStage.prefix:
-        weights = ckpt.weights_of(obj, list(OmniSFTStage.weight_keys), path, ("audio_enc", "vision"))["thinker"]
+    text, sft = STAGES["A"], STAGES["E"]
+    if prefix == text.prefix:
+        weights, thinker_dir = ckpt.weights_of(obj, list(text.weight_keys), path)["model"], os.path.dirname(path)
+    elif prefix == sft.prefix:
+        weights = ckpt.weights_of(obj, list(sft.weight_keys), path, sft.optional_keys)["thinker"]
         thinker_dir = resolve_dir(os.path.dirname(path), config["thinker_dir"])
         # Stage E keeps the Thinker's architecture and tokenizer in the Stage A folder it started from.
-        config = load_component(thinker_dir, TextStage.prefix, ["model"], TextStage.make_command)[1]
+        config = load_component(thinker_dir, text)[1]
     else:
         raise UserError(f"{path} is a stage {letter_of(prefix)} ({prefix}) checkpoint: --format {fmt} exports "
                         f"the Thinker, from a stage A (thinker) or stage E (omni) checkpoint")

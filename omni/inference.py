@@ -8,25 +8,26 @@ import torch
 
 from omni import checkpoint as ckpt
 from omni.config import UserError
+from omni.registry import STAGES, StageSpec, prefixes
 from omni.thinker import Thinker, ThinkerArch
 from omni.tokenizer import Tokenizer
 
 
-def load_component(ckpt_dir: str, prefix: str, weight_keys: list[str], make_command: str, optional: tuple = ()):
+def load_component(ckpt_dir: str, spec: StageSpec):
     """(weights by key, config dict, path) of a stage's inference checkpoint in ckpt_dir; the
-    optional weight keys are included where present."""
+    stage's optional weight keys are included where present."""
+    keys, optional = list(spec.weight_keys), spec.optional_keys
     export = os.path.join(ckpt_dir, ckpt.EXPORT_FILE)
     if os.path.isfile(export):
         path, config = export, None
-        weights = ckpt.weights_of(read_export(export), weight_keys, export, optional)
+        weights = ckpt.weights_of(read_export(export), keys, export, optional)
     else:
-        path = ckpt.for_inference(ckpt_dir, prefix)
+        path = ckpt.for_inference(ckpt_dir, spec.prefix)
         if path is None:
-            from omni.stages import letter_of
-            raise UserError(f"no {prefix} checkpoint (stage {letter_of(prefix)}) in {ckpt_dir}: "
-                            f"train one with `{make_command}`")
+            raise UserError(f"no {spec.prefix} checkpoint (stage {spec.letter}) in {ckpt_dir}: "
+                            f"train one with `{spec.command}`")
         obj = ckpt.load(path)
-        weights = ckpt.weights_of(obj, weight_keys, path, optional)
+        weights = ckpt.weights_of(obj, keys, path, optional)
         config = obj.get("config") if ckpt.kind_of(obj) != "legacy" else None
     if config is None:
         config_path = os.path.join(ckpt_dir, "config.json")
@@ -58,8 +59,8 @@ def resolve_dir(base: str, path: str) -> str:
 
 
 def load_thinker(ckpt_dir: str, device) -> tuple[Thinker, Tokenizer]:
-    from omni.stages.text import TOKENIZER_FILE, TextStage
-    weights, config, path = load_component(ckpt_dir, TextStage.prefix, ["model"], TextStage.make_command)
+    from omni.stages.text import TOKENIZER_FILE
+    weights, config, path = load_component(ckpt_dir, STAGES["A"])
     model = Thinker(ThinkerArch.from_config(config))
     model.load_state_dict(weights["model"])
     return model.to(device).eval(), Tokenizer(os.path.join(ckpt_dir, TOKENIZER_FILE))
@@ -99,7 +100,6 @@ def load_omni_parts(thinker_dir: str, audio_enc_dir: str, vision_dir: str, devic
 
 def stage_prefix_in(folder: str) -> str | None:
     """Which stage's model a folder holds: the prefix of its export, else of its first checkpoint."""
-    from omni.stages import prefixes
     export = os.path.join(folder, ckpt.EXPORT_FILE)
     if os.path.isfile(export):
         from safetensors import safe_open
@@ -113,11 +113,10 @@ def load_omni(ckpt_dir: str, device):
     its config. The components come from the folders its config names (inside an export: its
     subfolders); the Stage E weights replace the Thinker's."""
     from omni.omni_model import OmniModel, Projector
-    from omni.stages.omni_sft import OmniSFTStage
     # The encoders' weights are in the checkpoint only when SFT trained them (freeze_encoders false).
-    weights, config, _ = load_component(ckpt_dir, OmniSFTStage.prefix, list(OmniSFTStage.weight_keys),
-                                        OmniSFTStage.make_command, optional=("audio_enc", "vision"))
-    dirs = [resolve_dir(ckpt_dir, config[k]) for k in ("thinker_dir", "audio_enc_dir", "vision_dir")]
+    spec = STAGES["E"]
+    weights, config, _ = load_component(ckpt_dir, spec)
+    dirs = [resolve_dir(ckpt_dir, config[key]) for key, _ in spec.components]
     thinker, tokenizer, audio_enc, vision = load_omni_parts(*dirs, device)
     d = thinker.arch.d_model
     model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d), Projector(vision.out_dim, d),

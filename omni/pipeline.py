@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from omni import checkpoint as ckpt
 from omni.config import UserError, config_dict, load_config, read_json
-from omni.stages import STAGES, stage_class
+from omni.registry import STAGES
+from omni.stages import stage_class
 from omni.cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,7 @@ def read_pipeline(path: str) -> tuple[dict, list[StageRun]]:
 
 def is_finished(run: StageRun, resolved: dict) -> bool:
     """Final checkpoint present, training finished, and the same resolved config."""
-    prefix = stage_class(run.letter).prefix
+    prefix = STAGES[run.letter].prefix
     state = ckpt.read_training_state(run.save_dir)
     saved = os.path.join(run.save_dir, "config.json")
     if not (os.path.isfile(ckpt.final_path(run.save_dir, prefix)) and state.get("finished") and os.path.isfile(saved)):
@@ -94,7 +95,7 @@ def run_stage(run: StageRun, extra: list[str]) -> int:
     if is_finished(run, resolved):
         run.status = "skipped (finished)"
     else:
-        script = STAGES[run.letter][0]
+        script = STAGES[run.letter].script
         cmd = [sys.executable, os.path.join(ROOT, script), "--config", run.config]
         for o in overrides:
             cmd += ["--set", o]

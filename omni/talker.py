@@ -288,8 +288,8 @@ class Speaker:
 def load_speaker(ckpt_dir: str, device="cpu") -> Speaker:
     """A Speaker from a Stage D checkpoint folder (best, else final, else newest step file)."""
     from omni.inference import load_component
-    from omni.stages.talker import TalkerStage
-    weights, config, _ = load_component(ckpt_dir, TalkerStage.prefix, ["talker", "rvq"], TalkerStage.make_command)
+    from omni.registry import STAGES
+    weights, config, _ = load_component(ckpt_dir, STAGES["D"])
     codec = SpeechCodec(CodecArch.from_config(config))
     codec.load_state_dict(weights["rvq"])
     talker = Talker(TalkerArch.from_config(config), codec.arch.n_codebooks, codec.arch.codebook_size)

@@ -89,7 +89,7 @@ class Trainer:
         keys = list(self.stage.modules)
         if ckpt.kind_of(obj) != "legacy" and not set(keys) <= set(obj):
             theirs = sorted(k for k in obj if k not in ckpt.NON_WEIGHT_KEYS)
-            raise ckpt.CheckpointError(f"{source}: not a {self.stage.prefix} checkpoint: it holds weights "
+            raise ckpt.CheckpointError(f"{source}: not a {self.stage.spec.prefix} checkpoint: it holds weights "
                                        f"{theirs}, this stage needs {keys}")
         for key, sd in ckpt.weights_of(obj, keys, source).items():
             try:
@@ -224,7 +224,7 @@ def build_trainer(stage: Stage, opts: ResumeOptions) -> Trainer:
         trainer.load_weights(ckpt.load(opts.init_from), opts.init_from)
         log(rt, f"initialised weights from {opts.init_from}; fresh optimizer at step 0")
     elif opts.resume or opts.resume_step is not None:
-        found = find_resume_checkpoint(cfg.save_dir, stage.prefix, opts.resume_step, rt,
+        found = find_resume_checkpoint(cfg.save_dir, stage.spec.prefix, opts.resume_step, rt,
                                        include_best=cfg.checkpoint_freq == 0)
         if found:
             trainer.restore(found[1], found[0])
@@ -311,7 +311,7 @@ def validate(trainer: Trainer) -> dict:
 
 def run_loop(trainer: Trainer) -> int:
     stage, cfg, rt = trainer.stage, trainer.cfg, trainer.stage.rt
-    prefix, save_dir = stage.prefix, cfg.save_dir
+    prefix, save_dir = stage.spec.prefix, cfg.save_dir
     final = ckpt.final_path(save_dir, prefix)
     if trainer.step >= cfg.max_steps:
         log(rt, f"{prefix}: already trained to step {trainer.step} (max_steps={cfg.max_steps}); nothing to do")
@@ -398,7 +398,7 @@ def stop_requested(stop: StopSignals, rt: Runtime) -> bool:
 # ----------------------------------------------------------------------------- command line
 def trainer_main(stage_class, argv=None) -> None:
     """The command line every trainer shares (see DESIGN.md, command-line conventions)."""
-    parser = argparse.ArgumentParser(description=f"Train the {stage_class.prefix} stage.")
+    parser = argparse.ArgumentParser(description=f"Train the {stage_class.spec.prefix} stage.")
     parser.add_argument("--config", help="JSON config file (defaults to the built-in values)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable, type-checked)")

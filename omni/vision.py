@@ -184,9 +184,8 @@ def info_nce(logits: torch.Tensor, same: torch.Tensor | None = None) -> torch.Te
 def load_clip(ckpt_dir: str, device="cpu") -> CLIP:
     """The trained image and caption encoders in eval mode (any checkpoint format)."""
     from omni.inference import load_component
-    from omni.stages.vision import VisionStage
-    weights, config, path = load_component(ckpt_dir, VisionStage.prefix, list(VisionStage.weight_keys),
-                                           VisionStage.make_command)
+    from omni.registry import STAGES
+    weights, config, path = load_component(ckpt_dir, STAGES["C"])
     model = CLIP(VisionArch.from_config(config))
     for key, module in model.parts().items():
         module.load_state_dict(weights[key])

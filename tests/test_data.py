@@ -17,6 +17,7 @@ from omni.data.manifest import read_manifest
 from omni.data.sampler import sample_generator
 from omni.data.sft import SFTDataset, read_sft_manifest
 from omni.stage import SkipBadSamples, Stage
+from omni.registry import StageSpec
 from omni.training_utils import train
 
 
@@ -130,7 +131,7 @@ def test_pad_stack_shapes_and_masks():
 
 class CaptionColourStage(Stage):
     """A minimal stage for the loop's bad-sample accounting: predict the mean colour."""
-    prefix = "probe"
+    spec = StageSpec("P", "probe", "", __name__, "CaptionColourStage", "", weight_keys=("net",))
 
     def setup(self):
         d = self.cfg.save_dir

@@ -15,6 +15,7 @@ from omni.data.sampler import BucketedBatches
 from omni.data.transcripts import Charset, derive_charset
 from omni.metrics import error_counts
 from omni.logs import log
+from omni.registry import STAGES
 from omni.stage import Stage
 
 
@@ -55,10 +56,8 @@ class SpeechDataset(AudioTextDataset):
 
 
 class AudioEncStage(Stage):
-    prefix = "audio_enc"
-    weight_keys = ("enc", "head")
+    spec = STAGES["B"]
     config_class = AudioEncConfig
-    make_command = "python train_audio_enc.py --config configs/audio_enc_tiny.json"
 
     def setup(self):
         cfg = self.cfg

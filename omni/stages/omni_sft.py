@@ -12,6 +12,7 @@ from omni.data.sft import SFTDataset, read_sft_manifest
 from omni.inference import load_omni_parts
 from omni.omni_model import OmniModel, Projector
 from omni.logs import log
+from omni.registry import STAGES
 from omni.stage import Stage
 
 ASR_PROMPT = "what did you hear?"          # auxiliary task: write down the speech
@@ -45,10 +46,8 @@ def auxiliary_records(path: str, media: str, text: str, prompt: str, kind: str) 
 
 
 class OmniSFTStage(Stage):
-    prefix = "omni"
-    weight_keys = ("thinker", "proj_a", "proj_v")   # + "audio_enc", "vision" when they are trained
+    spec = STAGES["E"]       # + the optional keys "audio_enc", "vision" when they are trained
     config_class = OmniSFTConfig
-    make_command = "python sft_omni.py --config configs/omni_sft_tiny.json"
 
     def setup(self):
         cfg, rt = self.cfg, self.rt

@@ -14,6 +14,7 @@ from omni.data.text import TokenWindows, perplexity
 from omni.thinker import Thinker, ThinkerArch
 from omni.tokenizer import Tokenizer
 from omni.logs import log
+from omni.registry import STAGES
 from omni.stage import Stage
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -53,9 +54,8 @@ def prepare_tokenizer(cfg, rt) -> Tokenizer:
 
 
 class TextStage(Stage):
-    prefix = "thinker"
+    spec = STAGES["A"]
     config_class = TextConfig
-    make_command = "python train_text.py --config configs/thinker_tiny.json"
     val_key = "val_file"
 
     def setup(self):

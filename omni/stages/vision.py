@@ -12,6 +12,7 @@ from omni.data.image import RESIZE_MODES, ImageCaptionDataset
 from omni.data.manifest import read_manifest
 from omni.metrics import retrieval_hits
 from omni.logs import log
+from omni.registry import STAGES
 from omni.stage import Stage, make_loader, to_device
 from omni.vision import CLIP, VisionArch, build_vocab, info_nce
 
@@ -30,10 +31,8 @@ class VisionConfig(TrainConfig, VisionArch):
 
 
 class VisionStage(Stage):
-    prefix = "vision"
-    weight_keys = ("vit", "img_proj", "text_proj", "text_embed")
+    spec = STAGES["C"]
     config_class = VisionConfig
-    make_command = "python train_vision.py --config configs/vision_tiny.json"
 
     def setup(self):
         cfg = self.cfg
