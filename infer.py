@@ -54,7 +54,8 @@ def default_model_dir() -> str:
 def read_media(image_path: str | None, audio_path: str | None, image_size: int = 64, resize: str = "squash"):
     """(image [3,S,S], 16 kHz waveform) of the given files, None where not given; UserError naming
     the file and what is wrong with it (missing, empty, not an image or audio, damaged, silent)."""
-    from omni.data.audio import MelSpec, read_audio
+    from omni.data.audio import read_audio
+    from omni.features import MelSpec
     from omni.data.image import read_image
     from omni.data.manifest import SampleError
     try:
@@ -97,7 +98,7 @@ class Chat:
         if not self.is_omni:
             raise UserError("--image and --audio need the Stage E model: train it with `python -m omni.pipeline` "
                             "(or `python sft_omni.py --config configs/omni_sft_tiny.json`)")
-        from omni.data.audio import LogMel, MelSpec
+        from omni.features import LogMel, MelSpec
         mel = None if wave is None else LogMel(MelSpec(n_mels=self.model.audio_encoder.arch.n_mels))(wave)
         return image, mel
 

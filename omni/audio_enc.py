@@ -5,7 +5,7 @@ Public API used by later stages (SFT, Talker):
   load_asr(ckpt_dir, device) -> ASR                      transcribe(waves) -> list[str]
 
 CTC labels (index 0 is the CTC blank): the characters of the `charset` config key get ids 1..n.
-Stage B fills it from its training transcripts (omni/data/transcripts.py: normalisation, and
+Stage B fills it from its training transcripts (omni/transcripts.py: normalisation, and
 characters outside the set dropped and counted); a checkpoint saved before the key existed has
 none and gets the fixed set it was trained with, CHARSET (space, apostrophe, a..z).
 """
@@ -17,10 +17,9 @@ import torch
 import torch.nn as nn
 
 from omni.config import arch_from_config
-from omni.data.audio import LogMel, MelSpec
-from omni.data.common import pad_stack
-from omni.data.transcripts import LEGACY_ASR_CHARS, Charset, normalize_transcript
-from omni.layers import Transformer
+from omni.features import LogMel, MelSpec
+from omni.layers import Transformer, pad_stack
+from omni.transcripts import LEGACY_ASR_CHARS, Charset, normalize_transcript
 
 BLANK = 0
 CHARSET = LEGACY_ASR_CHARS                 # the set of checkpoints without a `charset` key

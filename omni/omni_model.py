@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from omni.layers import pad_stack
 from omni.thinker import Thinker
 from omni.tokenizer import Tokenizer
 
@@ -63,7 +64,6 @@ class OmniModel(nn.Module):
                 feats = self._need(self.vision_encoder, "vision")(torch.stack([images[i] for i in has_img]).to(self.device))
             has_aud = [i for i, x in enumerate(mels) if x is not None]
             if has_aud:
-                from omni.data.common import pad_stack
                 mel, mask = pad_stack([mels[i] for i in has_aud])
                 hidden, hmask = self._need(self.audio_encoder, "audio")(mel.to(self.device), mask.to(self.device))
         if has_img:

@@ -3,7 +3,7 @@
 Input sequence of one utterance (see docs/stage_d_talker.md):
 
     [c_1 ... c_n]        the characters of the normalised text, ids in the architecture's `charset`
-                         (omni/data/transcripts.py; dropped characters noted), or n Thinker hidden states through
+                         (omni/transcripts.py; dropped characters noted), or n Thinker hidden states through
                          `cond_proj`), then
     [S, f_1 ... f_T]     a learned start-of-speech vector and the code frames so far (the sum of one
                          embedding per codebook).
@@ -35,10 +35,9 @@ import torch.nn.functional as F
 
 from omni.codec import CodecArch, GriffinLimVocoder, SpeechCodec, Vocoder
 from omni.config import arch_from_config
-from omni.data.audio import MelSpec
-from omni.data.common import pad_stack
-from omni.data.transcripts import LEGACY_TALKER_CHARS, Charset, normalize_transcript
-from omni.layers import KVCache, Transformer, sample_next
+from omni.features import MelSpec
+from omni.layers import KVCache, Transformer, pad_stack, sample_next
+from omni.transcripts import LEGACY_TALKER_CHARS, Charset, normalize_transcript
 
 CHARS = LEGACY_TALKER_CHARS                  # the set of checkpoints without a `charset` key
 PAD_ID = 0                                   # id 0 is padding; characters are 1..len(charset)

@@ -20,8 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from omni.config import arch_from_config
-from omni.data.common import pad_stack
-from omni.layers import Transformer
+from omni.layers import Transformer, pad_stack
 
 SPECIALS = ["<pad>", "<unk>", "<cls>"]
 PAD, UNK, CLS = 0, 1, 2

@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 
 from omni.config import TrainConfig, build_config
-from omni.data.audio import AudioTextDataset, MelSpec, audio_frames, spec_augment
-from omni.data.common import DataError, pad_stack
+from omni.data.audio import AudioTextDataset, audio_frames, spec_augment
+from omni.features import MelSpec
+from omni.data.common import DataError
+from omni.layers import pad_stack
 from omni.data.image import ImageCaptionDataset
 from omni.data.manifest import read_manifest
 from omni.data.sampler import sample_generator

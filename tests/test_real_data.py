@@ -16,7 +16,7 @@ from omni.audio_enc import CHARSET, AudioEncArch, AudioEncoder, charset_of, load
 from omni.codec import CodecArch, SpeechCodec
 from omni.config import UserError, load_config
 from omni.data.image import fit_square, read_image
-from omni.data.transcripts import Charset, derive_charset, normalize_transcript
+from omni.transcripts import Charset, derive_charset, normalize_transcript
 from omni.stages import stage_class
 from omni.talker import CHARS, Talker, TalkerArch, load_speaker
 from test_audio_enc import audio_enc_config

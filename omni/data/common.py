@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from omni.config import UserError
 
 
@@ -37,13 +35,3 @@ def require_files(cfg, files_by_key: dict[str, list[str]], rt=None) -> None:
         key, path = missing[0]
         raise DataError(f"config key '{key}': data file not found: {path}")
 
-
-def pad_stack(tensors, value=0.0):
-    """Stack tensors of shape [T_i, ...] into [B, T_max, ...] and a mask [B, T_max] (True = real)."""
-    longest = max(t.shape[0] for t in tensors)
-    out = tensors[0].new_full((len(tensors), longest, *tensors[0].shape[1:]), value)
-    mask = torch.zeros(len(tensors), longest, dtype=torch.bool)
-    for i, t in enumerate(tensors):
-        out[i, :t.shape[0]] = t
-        mask[i, :t.shape[0]] = True
-    return out, mask

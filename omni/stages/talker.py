@@ -16,11 +16,13 @@ import torch
 from omni import checkpoint as ckpt
 from omni.codec import LOG_FLOOR, CodecArch, GriffinLimVocoder, SpeechCodec, usage_perplexity
 from omni.config import TrainConfig, UserError
-from omni.data.audio import AudioTextDataset, MelSpec
-from omni.data.common import pad_stack, require_files
+from omni.data.audio import AudioTextDataset
+from omni.features import MelSpec
+from omni.data.common import require_files
+from omni.layers import pad_stack
 from omni.data.manifest import SampleError, read_manifest
 from omni.data.sampler import BucketedBatches
-from omni.data.transcripts import derive_charset
+from omni.transcripts import derive_charset
 from omni.talker import Speaker, Talker, TalkerArch, text_to_ids
 from omni.logs import log
 from omni.registry import STAGES
