@@ -1,8 +1,8 @@
 """The audio encoder (log-mel -> conv downsampling -> transformer) and its CTC speech recognizer.
 
-Public API used by later stages (SFT, Talker):
-  load_audio_encoder(ckpt_dir, device) -> AudioEncoder   forward(mel [B,T,n_mels], mask [B,T]) -> (hidden, mask')
-  load_asr(ckpt_dir, device) -> ASR                      transcribe(waves) -> list[str]
+Public API used by later stages (SFT, Talker; loaded by omni/loading.py: load_audio_encoder, load_asr):
+  AudioEncoder   forward(mel [B,T,n_mels], mask [B,T]) -> (hidden, mask')
+  ASR            transcribe(waves) -> list[str]
 
 CTC labels (index 0 is the CTC blank): the characters of the `charset` config key get ids 1..n.
 Stage B fills it from its training transcripts (omni/transcripts.py: normalisation, and
@@ -154,24 +154,3 @@ class ASR(nn.Module):
             log_probs, mask = self(mel.to(device), mask.to(device))
             out += [self.charset.decode(ids) for ids in ctc_greedy_decode(log_probs, mask.sum(dim=1))]
         return out
-
-
-# ----------------------------------------------------------------------------- loading
-def _load(ckpt_dir: str, device) -> ASR:
-    from omni.inference import load_component
-    from omni.registry import STAGES
-    weights, config, path = load_component(ckpt_dir, STAGES["B"])
-    model = ASR(AudioEncArch.from_config(config))
-    model.enc.load_state_dict(weights["enc"])
-    model.head.load_state_dict(weights["head"])
-    return model.to(device).eval()
-
-
-def load_audio_encoder(ckpt_dir: str, device="cpu") -> AudioEncoder:
-    """The trained audio encoder in eval mode (any checkpoint format; config from the checkpoint)."""
-    return _load(ckpt_dir, device).enc
-
-
-def load_asr(ckpt_dir: str, device="cpu") -> ASR:
-    """The trained encoder + CTC head in eval mode, ready for `transcribe`."""
-    return _load(ckpt_dir, device)

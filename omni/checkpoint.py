@@ -29,6 +29,7 @@ from omni.config import UserError
 FORMAT_VERSION = 1
 TRAINING_STATE = "training_state.json"
 EXPORT_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.model"     # Stage A keeps its tokenizer beside its checkpoints
 # Entries of a checkpoint dictionary that only resuming needs, and all entries that are not weights.
 RESUME_KEYS = {"optimizer", "scheduler", "scaler", "rng", "data_state"}
 NON_WEIGHT_KEYS = RESUME_KEYS | {"step", "best_val_loss", "config", "format_version"}

@@ -12,7 +12,7 @@ import os
 
 from omni import checkpoint as ckpt
 from omni.config import UserError
-from omni.inference import read_export
+from omni.loading import checkpoint_in, read_export
 from omni.cli import run_cli
 
 
@@ -28,7 +28,6 @@ def describe(path: str) -> dict:
         return {"path": export, "format": "export", "step": meta.get("step"), "best_val_loss": None,
                 "weights": count_by_key(read_export(export)), "training_state": [], "config": config}
     if os.path.isdir(path):
-        from omni.export import checkpoint_in
         path = checkpoint_in(path)[0]
     obj = ckpt.load(path)
     kind = ckpt.kind_of(obj)

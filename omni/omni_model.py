@@ -54,6 +54,12 @@ class OmniModel(nn.Module):
     def device(self):
         return self.thinker.embed.weight.device
 
+    def parts(self) -> dict[str, nn.Module]:
+        """The modules by their Stage E weight key (the encoders only where present)."""
+        parts = {"thinker": self.thinker, "proj_a": self.proj_a, "proj_v": self.proj_v,
+                 "audio_enc": self.audio_encoder, "vision": self.vision_encoder}
+        return {key: module for key, module in parts.items() if module is not None}
+
     # ------------------------------------------------------------------ media
     def encode_media(self, images: list, mels: list, grad_encoders: bool = False) -> list[Media]:
         """Project each sample's image [3,H,W] and log-mel [T, n_mels] (None where absent)."""

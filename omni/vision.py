@@ -1,8 +1,8 @@
 """The vision encoder (a small ViT) and the caption encoder it is trained against, CLIP-style.
 
-Public API used by the SFT stage:
-  load_vision_encoder(ckpt_dir, device) -> ViT    forward(images [B,3,S,S] in [-1,1]) -> tokens [B, 1+N, d]
-  load_clip(ckpt_dir, device) -> CLIP             image/caption embeddings and similarities
+Public API used by the SFT stage (loaded by omni/loading.py: load_vision_encoder, load_clip):
+  ViT       forward(images [B,3,S,S] in [-1,1]) -> tokens [B, 1+N, d]
+  CLIP      image/caption embeddings and similarities
 
 Captions are split into lowercase words; the vocabulary is the sorted set of words of the
 training captions (config key `vocab`, stored in every checkpoint's config), after four special
@@ -177,20 +177,3 @@ def info_nce(logits: torch.Tensor, same: torch.Tensor | None = None) -> torch.Te
     def one_way(x, right):
         return (x.logsumexp(dim=1) - x.masked_fill(~right, float("-inf")).logsumexp(dim=1)).mean()
     return (one_way(logits, same) + one_way(logits.T, same.T)) / 2
-
-
-# ----------------------------------------------------------------------------- loading
-def load_clip(ckpt_dir: str, device="cpu") -> CLIP:
-    """The trained image and caption encoders in eval mode (any checkpoint format)."""
-    from omni.inference import load_component
-    from omni.registry import STAGES
-    weights, config, path = load_component(ckpt_dir, STAGES["C"])
-    model = CLIP(VisionArch.from_config(config))
-    for key, module in model.parts().items():
-        module.load_state_dict(weights[key])
-    return model.to(device).eval()
-
-
-def load_vision_encoder(ckpt_dir: str, device="cpu") -> ViT:
-    """The trained ViT in eval mode: images [B,3,S,S] in [-1,1] -> tokens [B, 1+N, out_dim]."""
-    return load_clip(ckpt_dir, device).vit

@@ -8,9 +8,9 @@ import torch
 
 from conftest import load_pt, run_script, write_config
 from omni.audio_enc import (BLANK, CHARSET, VOCAB_SIZE, ASR, AudioEncArch, AudioEncoder, ctc_greedy_decode,
-                            downsampled_mask, ids_to_text, load_asr, load_audio_encoder, normalize_text,
-                            text_to_ids)
+                            downsampled_mask, ids_to_text, normalize_text, text_to_ids)
 from omni.config import UserError
+from omni.loading import load_asr, load_audio_encoder
 from omni.data.audio import read_audio
 from omni.metrics import cer, edit_distance, error_counts, wer
 

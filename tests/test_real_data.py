@@ -12,13 +12,14 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import ROOT, load_pt, run_script, write_config
-from omni.audio_enc import CHARSET, AudioEncArch, AudioEncoder, charset_of, load_asr
+from omni.audio_enc import CHARSET, AudioEncArch, AudioEncoder, charset_of
 from omni.codec import CodecArch, SpeechCodec
 from omni.config import UserError, load_config
 from omni.data.image import fit_square, read_image
 from omni.transcripts import Charset, derive_charset, normalize_transcript
 from omni.stages import stage_class
-from omni.talker import CHARS, Talker, TalkerArch, load_speaker
+from omni.loading import load_asr, load_audio_encoder, load_speaker
+from omni.talker import CHARS, Talker, TalkerArch
 from test_audio_enc import audio_enc_config
 from test_talker import tiny_stage_config
 
@@ -139,7 +140,6 @@ def test_stage_b_derives_stores_and_reloads_its_charset(stage_b, real_world):
 
 
 def load_audio_encoder_dim(folder: str) -> int:
-    from omni.audio_enc import load_audio_encoder
     return load_audio_encoder(folder).out_dim
 
 

@@ -9,8 +9,9 @@ import torch
 
 from conftest import run_script, write_config
 from omni.codec import CodecArch, SpeechCodec
-from omni.talker import (Speaker, Talker, TalkerArch, load_speaker, normalize_text, text_to_ids,
-                         write_wav)
+from omni.generation import Speaker, write_wav
+from omni.loading import load_speaker
+from omni.talker import Talker, TalkerArch, normalize_text, text_to_ids
 
 K, NQ = 16, 2
 

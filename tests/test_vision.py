@@ -10,7 +10,8 @@ from conftest import load_pt, run_script, write_config
 from omni.config import UserError
 from omni.metrics import retrieval_accuracy, retrieval_hits
 from omni.vision import (CLS, LOG_SCALE_MAX, PAD, UNK, CLIP, CaptionTokenizer, ViT, VisionArch, build_vocab,
-                         info_nce, load_clip, load_vision_encoder)
+                         info_nce)
+from omni.loading import load_clip, load_vision_encoder
 
 WEIGHT_KEYS = ["vit", "img_proj", "text_proj", "text_embed"]
 

@@ -9,7 +9,7 @@ from omni.data.image import RESIZE_MODES
 from omni.data.common import require_files
 from omni.data.manifest import read_manifest
 from omni.data.sft import SFTDataset, read_sft_manifest
-from omni.inference import load_omni_parts
+from omni.loading import load_omni_parts
 from omni.omni_model import OmniModel, Projector
 from omni.logs import log
 from omni.registry import STAGES

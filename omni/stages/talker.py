@@ -23,7 +23,10 @@ from omni.layers import pad_stack
 from omni.data.manifest import SampleError, read_manifest
 from omni.data.sampler import BucketedBatches
 from omni.transcripts import derive_charset
-from omni.talker import Speaker, Talker, TalkerArch, text_to_ids
+from omni.generation import Speaker
+from omni.loading import load_asr
+from omni.metrics import cer
+from omni.talker import Talker, TalkerArch, text_to_ids
 from omni.logs import log
 from omni.registry import STAGES
 from omni.stage import Stage
@@ -193,7 +196,6 @@ class TalkerStage(Stage):
         """The Stage B recogniser, or None (with a one-time note) while there is none."""
         if self._asr is None and ckpt.for_inference(self.cfg.asr_ckpt_dir, STAGES["B"].prefix):
             try:
-                from omni.audio_enc import load_asr
                 self._asr = load_asr(self.cfg.asr_ckpt_dir, self.rt.device)
             except (ImportError, UserError, OSError) as e:
                 self._note(f"cannot load the ASR model ({e})")
@@ -213,7 +215,6 @@ class TalkerStage(Stage):
         asr = self.asr()
         if asr is None:
             return {}
-        from omni.metrics import cer
         samples = [s for s in (self.val_data[(i, 0)] for i in range(min(self.cfg.eval_sentences, len(self.val_data))))
                    if s is not None]
         # Scored in the characters both models know (sample texts are in the Talker's set already).

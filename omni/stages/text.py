@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
+from omni import checkpoint as ckpt
 from omni.config import TrainConfig, UserError, positive
 from omni.data.common import require_files
 from omni.data.shards import TOKENS_DIR, Lines, open_split
@@ -17,7 +18,7 @@ from omni.logs import log
 from omni.registry import STAGES
 from omni.stage import Stage
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = ckpt.TOKENIZER_FILE
 
 
 @dataclass
