@@ -35,7 +35,7 @@ from omni.runtime import setup_runtime, teardown
 from omni.registry import letter_of, prefixes
 from omni.stages import stage_class
 from omni.cli import run_cli
-from omni.training_utils import ResumeOptions, build_trainer, validate
+from omni.train.loop import ResumeOptions, build_trainer, validate
 
 FORMATS = {"full": "full", "weights": "weights-only", "legacy": "legacy"}
 

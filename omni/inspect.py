@@ -38,10 +38,10 @@ def describe(path: str) -> dict:
     for key, sd in obj.items():
         if key not in ckpt.NON_WEIGHT_KEYS:
             weights.update(count_by_key({f"{key}.{n}": t for n, t in sd.items()}))
-    state = [k for k in ("optimizer", "scheduler", "scaler", "rng", "data_state") if k in obj]
-    return {"path": path, "format": "full" if kind == "full" else "weights-only", "step": obj.get("step"),
-            "best_val_loss": obj.get("best_val_loss"), "weights": weights, "training_state": state,
-            "config": obj.get("config")}
+    state = [k for k in ckpt.RESUME_KEYS if k in obj]
+    return {"path": path, "format": "full" if kind == "full" else "weights-only", "step": obj.get(ckpt.STEP),
+            "best_val_loss": obj.get(ckpt.BEST_VAL_LOSS), "weights": weights, "training_state": state,
+            "config": obj.get(ckpt.CONFIG)}
 
 
 def count_by_key(flat: dict) -> dict[str, int]:

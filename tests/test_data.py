@@ -18,9 +18,9 @@ from omni.data.image import ImageCaptionDataset
 from omni.data.manifest import read_manifest
 from omni.data.sampler import sample_generator
 from omni.data.sft import SFTDataset, read_sft_manifest
-from omni.stage import SkipBadSamples, Stage
+from omni.train.stage import SkipBadSamples, Stage
 from omni.registry import StageSpec
-from omni.training_utils import train
+from omni.train.loop import train
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from omni import resume_policy
 from omni.config import TrainConfig, UserError, build_config
 from omni.runtime import Runtime
 from omni.stages.text import TextConfig, TextStage
-from omni.training_utils import ResumeOptions, build_trainer, train, warmup_cosine
+from omni.train.loop import ResumeOptions, build_trainer, train
+from omni.train.optim import warmup_cosine
 
 CPU = Runtime(torch.device("cpu"))
 

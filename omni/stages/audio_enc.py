@@ -18,7 +18,7 @@ from omni.transcripts import Charset, derive_charset
 from omni.metrics import error_counts
 from omni.logs import log
 from omni.registry import STAGES
-from omni.stage import Stage
+from omni.train.stage import Stage
 
 
 @dataclass

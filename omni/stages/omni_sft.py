@@ -13,7 +13,7 @@ from omni.loading import load_omni_parts
 from omni.omni_model import OmniModel, Projector
 from omni.logs import log
 from omni.registry import STAGES
-from omni.stage import Stage
+from omni.train.stage import Stage
 
 ASR_PROMPT = "what did you hear?"          # auxiliary task: write down the speech
 CAPTION_PROMPT = "describe the picture"    # auxiliary task: caption the image

@@ -29,7 +29,7 @@ from omni.metrics import cer
 from omni.talker import Talker, TalkerArch, text_to_ids
 from omni.logs import log
 from omni.registry import STAGES
-from omni.stage import Stage
+from omni.train.stage import Stage
 
 
 @dataclass

@@ -16,7 +16,7 @@ from omni.thinker import Thinker, ThinkerArch
 from omni.tokenizer import Tokenizer
 from omni.logs import log
 from omni.registry import STAGES
-from omni.stage import Stage
+from omni.train.stage import Stage
 
 TOKENIZER_FILE = ckpt.TOKENIZER_FILE
 

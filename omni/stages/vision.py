@@ -13,7 +13,7 @@ from omni.data.manifest import read_manifest
 from omni.metrics import retrieval_hits
 from omni.logs import log
 from omni.registry import STAGES
-from omni.stage import Stage, make_loader, to_device
+from omni.train.stage import Stage, make_loader, to_device
 from omni.vision import CLIP, VisionArch, build_vocab, info_nce
 
 

@@ -2,7 +2,7 @@
 loop and the stages share: batches to the device, bad samples dropped and reported, DataLoader
 workers that leave stop signals to the main process.
 
-A stage (omni/stages/*.py) subclasses `Stage`; the loop that runs it is omni/training_utils.py.
+A stage (omni/stages/*.py) subclasses `Stage`; the loop that runs it is omni/train/loop.py.
 """
 from __future__ import annotations
 
