@@ -115,7 +115,7 @@ def run_stage(run: StageRun, extra: list[str]) -> int:
 
 def draw_curves(save_dir: str) -> None:
     try:
-        from omni.plot import plot_run
+        from omni.plot import plot_run  # optional: matplotlib
     except ImportError:      # matplotlib is optional
         return
     plot_run(save_dir)
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     spec, runs = read_pipeline(args.config)
     if spec.get("demo_dir"):
-        from omni.data.demo import ensure_demo_world
+        from omni.data.demo import ensure_demo_world  # optional: only when the config names a demo world
         ensure_demo_world(spec["demo_dir"], spec.get("demo_size", "small"))
     code = 0
     for run in runs:

@@ -25,7 +25,7 @@ def require_files(cfg, files_by_key: dict[str, list[str]], rt=None) -> None:
     missing = [(key, p) for key, paths in files_by_key.items() for p in paths if not os.path.exists(p)]
     if missing and cfg.demo_dir and all(_inside(p, cfg.demo_dir) for _, p in missing):
         if rt is None or rt.is_main:
-            from omni.data.demo import ensure_demo_world
+            from omni.data.demo import ensure_demo_world  # optional: only a missing demo file needs the builder
             print(f"building the demo world in {cfg.demo_dir} (size {cfg.demo_size}) ...", flush=True)
             ensure_demo_world(cfg.demo_dir, cfg.demo_size)
         if rt is not None:

@@ -1,0 +1,65 @@
+"""The stage contract: each registered stage (omni/registry.py) is what its spec says. Its script
+trains its class, its default config exists, and every checkpoint it writes holds exactly its
+declared weight keys (the optional ones only when its config trains them)."""
+import ast
+import os
+
+import pytest
+
+from conftest import ROOT, load_pt, run_script, write_config
+from omni import checkpoint as ckpt
+from omni.registry import STAGES, by_prefix, letter_of, prefixes
+from omni.stages import stage_class
+from omni.train.loop import check_weight_keys
+
+
+@pytest.mark.parametrize("letter", sorted(STAGES))
+def test_the_registry_names_the_stage_its_script_trains(letter):
+    spec = STAGES[letter]
+    cls = stage_class(letter)
+    assert cls.__name__ == spec.cls and cls.spec is spec
+    assert os.path.isfile(os.path.join(ROOT, spec.config)), spec.config
+    tree = ast.parse(open(os.path.join(ROOT, spec.script), encoding="utf-8").read())
+    imported = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    called = {ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert (spec.module, spec.cls) in imported and f"trainer_main({spec.cls})" in called
+    assert spec.command == f"python {spec.script} --config {spec.config}"
+
+
+def test_prefixes_and_keys_identify_one_stage_each():
+    assert len(set(prefixes())) == len(STAGES)
+    assert all(by_prefix(STAGES[letter].prefix).letter == letter == letter_of(STAGES[letter].prefix)
+               for letter in STAGES)
+    assert letter_of("nothing") == "?" and by_prefix("nothing") is None
+    for spec in STAGES.values():
+        assert not set(spec.weight_keys) & set(spec.optional_keys)
+        assert not set(spec.weight_keys) & ckpt.NON_WEIGHT_KEYS
+        assert {letter for _, letter in spec.components} <= STAGES.keys()
+
+
+def test_a_stage_whose_modules_differ_from_its_spec_is_refused():
+    class Wrong:
+        spec, modules = STAGES["D"], {"model": None}      # Stage D saves talker and rvq
+    with pytest.raises(RuntimeError, match=r"stage D \(talker\) built modules \['model'\]"):
+        check_weight_keys(Wrong())
+
+
+def weight_keys_in(path: str) -> set[str]:
+    return set(load_pt(path)) - ckpt.NON_WEIGHT_KEYS
+
+
+@pytest.mark.parametrize("letter", "ABCD")
+def test_a_trained_stage_saves_exactly_its_weight_keys(letter, trained_stages):
+    spec, save_dir = STAGES[letter], trained_stages[letter]["save_dir"]
+    for path in [ckpt.final_path(save_dir, spec.prefix), ckpt.best_path(save_dir, spec.prefix)]:
+        assert weight_keys_in(path) == set(spec.weight_keys), path
+
+
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen_encoders", "trained_encoders"])
+def test_stage_e_saves_its_encoders_only_when_it_trains_them(freeze, trained_stages, tmp_path):
+    spec = STAGES["E"]
+    cfg = {**trained_stages["E"], "save_dir": str(tmp_path / "omni"), "max_steps": 1, "eval_interval": 1,
+           "qa_eval_limit": 2, "freeze_encoders": freeze}
+    run_script(spec.script, "--config", write_config(tmp_path / "omni.json", cfg), check=True)
+    expected = set(spec.weight_keys) | (set() if freeze else set(spec.optional_keys))
+    assert weight_keys_in(ckpt.final_path(cfg["save_dir"], spec.prefix)) == expected
