@@ -30,6 +30,28 @@ def non_negative(default):
     return field(default=default, metadata={"min": 0})
 
 
+def inherited():
+    """An int key a stage takes from a checkpoint it loads: 0 (the default) inherits the value, any
+    other value must equal it (`inherit`)."""
+    return field(default=0, metadata={"min": 0, "inherited": True})
+
+
+def inherit(cfg, key: str, value: int, source: str) -> None:
+    """Set cfg.key to `value`, read from the checkpoint in folder `source`; an explicit value that
+    differs is a UserError naming the key and the folder."""
+    mine = getattr(cfg, key)
+    if mine and mine != value:
+        raise UserError(f"config key '{key}': {mine} differs from {value} of the model in {source}; "
+                        f"leave it out (or 0) to inherit it")
+    setattr(cfg, key, value)
+
+
+def inherits(cls, key: str, value) -> bool:
+    """Whether `value` of config key `key` of `cls` means "inherit" (the stage fills it in)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}.get(key)
+    return f is not None and f.metadata.get("inherited", False) and value == f.default
+
+
 @dataclass
 class TrainConfig:
     """Keys every stage shares. Stages subclass this and add their model and data keys."""

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from omni import checkpoint as ckpt
-from omni.config import UserError, config_dict, load_config, read_json
+from omni.config import UserError, config_dict, inherits, load_config, read_json
 from omni.registry import STAGES
 from omni.stages import stage_class
 from omni.cli import run_cli
@@ -69,9 +69,11 @@ def is_finished(run: StageRun, resolved: dict) -> bool:
     defaults = config_dict(stage_class(run.letter).config_class())
     trained = {**{k: v for k, v in defaults.items() if k not in trained}, **trained}
     # An empty value is filled in by the stage from its data (Stage C's caption vocabulary, the
-    # character set of Stages B and D).
+    # character set of Stages B and D) or from the models it loads (Stage E's image size and mels).
+    config_class = stage_class(run.letter).config_class
     same = trained.keys() == resolved.keys() and all(
-        v in ([], trained[k]) or (k == "charset" and v == "") for k, v in resolved.items())
+        v in ([], trained[k]) or (k == "charset" and v == "") or inherits(config_class, k, v)
+        for k, v in resolved.items())
     if not same:
         print(f"stage {run.letter}: the config differs from the finished run in {run.save_dir}; "
               "its trainer decides (raise max_steps to train on, or use a new save_dir to start over)")

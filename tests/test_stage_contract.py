@@ -63,3 +63,36 @@ def test_stage_e_saves_its_encoders_only_when_it_trains_them(freeze, trained_sta
     run_script(spec.script, "--config", write_config(tmp_path / "omni.json", cfg), check=True)
     expected = set(spec.weight_keys) | (set() if freeze else set(spec.optional_keys))
     assert weight_keys_in(ckpt.final_path(cfg["save_dir"], spec.prefix)) == expected
+
+
+# ----------------------------------------------------------------------------- Stage E inherits
+@pytest.fixture(scope="module")
+def small_encoders(trained_stages, demo_tiny, tmp_path_factory):
+    """Stage B with 40 mel bands and Stage C with 32-pixel images (defaults: 80, 64), two steps each."""
+    from test_audio_enc import audio_enc_config
+    from test_vision import vision_config
+    root = tmp_path_factory.mktemp("small_encoders")
+    for script, cfg in [("train_audio_enc.py", audio_enc_config(demo_tiny, root / "audio_enc", n_mels=40)),
+                        ("train_vision.py", vision_config(demo_tiny, root / "vision", image_size=32))]:
+        cfg.update(max_steps=2, eval_interval=2, checkpoint_freq=0)
+        run_script(script, "--config", write_config(root / f"{script}.json", cfg), check=True)
+    return {**trained_stages["E"], "audio_enc_dir": str(root / "audio_enc"), "vision_dir": str(root / "vision"),
+            "max_steps": 1, "eval_interval": 1, "qa_eval_limit": 2}
+
+
+def test_stage_e_takes_image_size_and_mels_from_the_encoders_it_loads(small_encoders, tmp_path):
+    cfg = {**small_encoders, "save_dir": str(tmp_path / "omni")}
+    run_script("sft_omni.py", "--config", write_config(tmp_path / "omni.json", cfg), check=True)
+    saved = load_pt(ckpt.final_path(cfg["save_dir"], "omni"))["config"]
+    assert (saved["image_size"], saved["n_mels"]) == (32, 40)
+
+
+@pytest.mark.parametrize("key, value, folder", [("image_size", 64, "vision_dir"), ("n_mels", 80, "audio_enc_dir")])
+def test_stage_e_refuses_a_size_its_encoder_was_not_trained_with(key, value, folder, small_encoders, tmp_path):
+    cfg = {**small_encoders, "save_dir": str(tmp_path / "omni"), key: value}
+    proc = run_script("sft_omni.py", "--config", write_config(tmp_path / "omni.json", cfg))
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: config key '{key}': {value} differs from ") and \
+        f"of the model in {small_encoders[folder]}" in lines[-1], proc.stderr
+    assert len([line for line in lines if line.startswith("error:") or "Traceback" in line]) == 1
