@@ -119,7 +119,7 @@ def export_thinker(obj, config: dict, path: str, prefix: str, out: str, fmt: str
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Export a checkpoint for inference: the suite's safetensors (omni), a "
-                                            "weights-only .pt, or the Thinker for transformers (hf) or llama.cpp (gguf).")
+                                "weights-only .pt, or the Thinker for transformers (hf) or llama.cpp (gguf).")
     p.add_argument("--ckpt", required=True, help="a .pt checkpoint or a stage's checkpoint folder")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--format", default="omni", choices=FORMATS, help="what to write (default: omni)")

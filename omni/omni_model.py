@@ -67,7 +67,8 @@ class OmniModel(nn.Module):
         with torch.set_grad_enabled(grad_encoders and torch.is_grad_enabled()):
             has_img = [i for i, x in enumerate(images) if x is not None]
             if has_img:
-                feats = self._need(self.vision_encoder, "vision")(torch.stack([images[i] for i in has_img]).to(self.device))
+                stacked = torch.stack([images[i] for i in has_img]).to(self.device)
+                feats = self._need(self.vision_encoder, "vision")(stacked)
             has_aud = [i for i, x in enumerate(mels) if x is not None]
             if has_aud:
                 mel, mask = pad_stack([mels[i] for i in has_aud])

@@ -33,7 +33,8 @@ sys.path.insert(0, ROOT)
 import omni.checkpoint as ckpt  # noqa: E402
 import omni.train.loop as loop  # noqa: E402
 
-real_train_step, real_save, real_atomic_write, real_validate = loop.train_step, ckpt.save, ckpt.atomic_write, loop.validate
+real_train_step, real_validate = loop.train_step, loop.validate
+real_save, real_atomic_write = ckpt.save, ckpt.atomic_write
 
 
 def install_faults(env) -> None:

@@ -112,8 +112,11 @@ def _rewrite(src_dir, dst_dir, make):
 
 
 def test_loaders_accept_full_weights_only_and_legacy(trained_dir, demo_tiny, tmp_path):
-    weights_only = lambda o: {k: o[k] for k in ("enc", "head", "step", "config", "format_version")}
-    legacy = lambda o: {f"{k}.{n}": t for k in ("enc", "head") for n, t in o[k].items()}
+    def weights_only(o):
+        return {k: o[k] for k in ("enc", "head", "step", "config", "format_version")}
+
+    def legacy(o):
+        return {f"{k}.{n}": t for k in ("enc", "head") for n, t in o[k].items()}
     _rewrite(trained_dir, tmp_path / "weights", weights_only)
     _rewrite(trained_dir, tmp_path / "legacy", legacy)
     waves = _waves(demo_tiny)

@@ -208,8 +208,8 @@ def test_image_resize_modes(tmp_path):
 def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
     from omni import runtime
     for cuda, mps, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        monkeypatch.setattr(runtime, "mps_available", lambda: mps)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(runtime, "mps_available", lambda mps=mps: mps)
         assert runtime.resolve_device("auto").type == expected
     assert runtime.resolve_device("cpu").type == "cpu"
     with pytest.raises(UserError, match="config key 'device': mps requested"):
@@ -261,7 +261,8 @@ def test_base_configs_load_and_have_the_parameter_counts_the_doc_states():
     with torch.device("meta"):
         from omni.omni_model import Projector
         proj = nn.ModuleList([Projector(384, 640), Projector(384, 640)])
-    counted[("E", "Thinker + projectors (trained)")] = counted[("A", "Thinker")] + sum(p.numel() for p in proj.parameters())
+    counted[("E", "Thinker + projectors (trained)")] = \
+        counted[("A", "Thinker")] + sum(p.numel() for p in proj.parameters())
     assert cfg.image_size == load_config(stage_class("C").config_class,
                                          os.path.join(ROOT, "configs", "vision_base.json")).image_size
     assert stated == counted

@@ -66,7 +66,8 @@ def test_archives_load_for_inspect_and_init_from_but_never_resume(runs, tmp_path
     assert info["format"] == "weights-only" and info["step"] == 8 and info["training_state"] == []
     trainer = build_trainer(TextStage(text_cfg(corpus, tmp_path / "init"), CPU), ResumeOptions(init_from=path))
     assert trainer.step == 0
-    assert all(torch.equal(v, load_pt(path)["model"][k]) for k, v in trainer.stage.modules["model"].state_dict().items())
+    saved = load_pt(path)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in trainer.stage.modules["model"].state_dict().items())
 
     for name in pt_files(archived.save_dir):       # leave only the archives
         if "_archive_" not in name:

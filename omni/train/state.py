@@ -135,7 +135,7 @@ def find_resume_checkpoint(save_dir: str, prefix: str, resume_step: int | None, 
         except ckpt.CheckpointError as e:
             log(rt, f"warning: skipping {e}")
     failures = []
-    for step, path, obj in sorted(candidates, key=lambda c: c[0], reverse=True):
+    for _, path, obj in sorted(candidates, key=lambda c: c[0], reverse=True):
         try:
             return path, obj if obj is not None else ckpt.load(path)
         except ckpt.CheckpointError as e:
