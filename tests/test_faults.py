@@ -87,6 +87,21 @@ def test_schedule_changes_are_applied_at_the_resumed_step(six_steps, tmp_path, c
         assert change in out, out
 
 
+def test_adamw_settings_come_from_the_config_and_apply_on_resume(six_steps, tmp_path, corpus, capsys):
+    fresh = build_trainer(TextStage(text_cfg(corpus, tmp_path / "fresh", adam_beta1=0.8, adamw_impl="loop"), CPU),
+                          ResumeOptions())
+    assert [(g["betas"], g["foreach"], g["fused"]) for g in fresh.optimizer.param_groups] == [((0.8, 0.95), False,
+                                                                                              False)] * 2
+    cfg = text_cfg(corpus, copy_run(six_steps, tmp_path), adam_beta2=0.99, adamw_impl="foreach")
+    resumed = build_trainer(TextStage(cfg, CPU), ResumeOptions())      # the checkpoint holds (0.9, 0.95), auto
+    assert resumed.step == 6
+    assert [(g["betas"], g["foreach"]) for g in resumed.optimizer.param_groups] == [((0.9, 0.99), True)] * 2
+    out = capsys.readouterr().out
+    assert "adam_beta2 0.95 -> 0.99" in out and "adamw_impl 'auto' -> 'foreach'" in out, out
+    with pytest.raises(UserError, match=r"config key 'adam_beta2': must be in \[0, 1\), got 1.0"):
+        text_cfg(corpus, tmp_path / "bad", adam_beta2=1.0)
+
+
 def test_unchanged_config_restores_the_very_same_lr(six_steps, tmp_path, corpus):
     saved = load_pt(os.path.join(six_steps, "thinker_step_6.pt"))
     trainer = build_trainer(TextStage(text_cfg(corpus, copy_run(six_steps, tmp_path)), CPU), ResumeOptions())
