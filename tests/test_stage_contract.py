@@ -3,6 +3,8 @@ trains its class, its default config exists, and every checkpoint it writes hold
 declared weight keys (the optional ones only when its config trains them)."""
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -24,6 +26,12 @@ def test_the_registry_names_the_stage_its_script_trains(letter):
     called = {ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     assert (spec.module, spec.cls) in imported and f"trainer_main({spec.cls})" in called
     assert spec.command == f"python {spec.script} --config {spec.config}"
+
+
+def test_reading_the_registry_imports_no_torch():
+    code = "import sys, omni.registry, omni.cli; print(sorted(m for m in sys.modules if m in ('torch', 'omni.stages')))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
 
 
 def test_prefixes_and_keys_identify_one_stage_each():
