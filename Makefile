@@ -1,21 +1,25 @@
-# μOmni: `make demo` trains on the built-in demo world and answers; `make test` runs the tests.
+# μOmni: `make demo` trains on the built-in demo world and answers; `make test` runs the tests;
+# `make lint` checks the code with ruff (ruff.toml).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo lint test test-fast clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-extra.txt
+$(VENV)/.installed: requirements.txt requirements-extra.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-extra.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-extra.txt -r requirements-dev.txt
 	touch $@
 
 demo: install
 	$(PY) -m omni.pipeline configs/pipeline_demo.json
 	$(PY) infer.py --image data/demo/images/test_00000.png --text "how many shapes are there?" --audio_out answer.wav
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 test: install
 	$(PY) -m pytest -q

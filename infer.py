@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import argparse
 import os
+
 import torch
 
-from omni.config import UserError
-from omni.runtime import resolve_device
 from omni.cli import run_cli
+from omni.config import UserError
+from omni.data.audio import read_audio
+from omni.data.image import read_image
+from omni.data.manifest import SampleError
+from omni.features import LogMel, MelSpec
+from omni.generation import generate_text, stream_text, write_wav
+from omni.loading import load_omni, load_speaker, load_thinker, stage_prefix_in
+from omni.registry import STAGES
+from omni.runtime import resolve_device
 
 OMNI_DIR, THINKER_DIR, TALKER_DIR = "checkpoints/omni_sft_tiny", "checkpoints/thinker_tiny", "checkpoints/talker_tiny"
 CHAT_HELP = ("type a question; '/image PATH question' or '/audio PATH' attach a picture or a spoken "
@@ -42,7 +50,6 @@ def parse_args(argv=None):
 
 
 def default_model_dir() -> str:
-    from omni.inference import stage_prefix_in
     for folder in (OMNI_DIR, THINKER_DIR):
         if os.path.isdir(folder) and stage_prefix_in(folder):
             return folder
@@ -54,9 +61,6 @@ def default_model_dir() -> str:
 def read_media(image_path: str | None, audio_path: str | None, image_size: int = 64, resize: str = "squash"):
     """(image [3,S,S], 16 kHz waveform) of the given files, None where not given; UserError naming
     the file and what is wrong with it (missing, empty, not an image or audio, damaged, silent)."""
-    from omni.data.audio import MelSpec, read_audio
-    from omni.data.image import read_image
-    from omni.data.manifest import SampleError
     try:
         return (read_image(image_path, image_size, resize) if image_path else None,
                 read_audio(audio_path, MelSpec.sample_rate) if audio_path else None)
@@ -77,17 +81,16 @@ class Chat:
     Stage A Thinker (text continuation only)."""
 
     def __init__(self, ckpt_dir: str, args, device):
-        from omni.inference import load_omni, load_thinker, stage_prefix_in
         self.args, self.device = args, device
         prefix = stage_prefix_in(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-        if prefix == "omni":
+        self.is_omni = prefix == STAGES["E"].prefix
+        if self.is_omni:
             self.model, config = load_omni(ckpt_dir, device)
             self.tokenizer, self.image_size = self.model.tok, config.get("image_size", 64)
             self.image_resize = config.get("image_resize", "squash")     # as Stage E read its images
         else:       # load_thinker names the folder and the command when nothing is there
             self.model, self.tokenizer = load_thinker(ckpt_dir, device)
             self.image_size, self.image_resize = None, "squash"
-        self.is_omni = prefix == "omni"
 
     def media(self, image_path: str | None, audio_path: str | None):
         """(image [3,S,S], log-mel [T, n_mels]) of the given files, None where not given."""
@@ -97,13 +100,11 @@ class Chat:
         if not self.is_omni:
             raise UserError("--image and --audio need the Stage E model: train it with `python -m omni.pipeline` "
                             "(or `python sft_omni.py --config configs/omni_sft_tiny.json`)")
-        from omni.data.audio import LogMel, MelSpec
         mel = None if wave is None else LogMel(MelSpec(n_mels=self.model.audio_encoder.arch.n_mels))(wave)
         return image, mel
 
     def answer(self, text: str, image_path: str | None = None, audio_path: str | None = None):
         """Yield the answer piece by piece as it is generated."""
-        from omni.inference import generate_text, stream_text
         a = self.args
         image, mel = self.media(image_path, audio_path)
         if not self.is_omni:
@@ -125,7 +126,6 @@ def print_stream(pieces) -> str:
 
 def speak(args, text: str, device, speaker=None):
     """Speak text into args.audio_out with the Talker; returns the Speaker for reuse."""
-    from omni.talker import load_speaker, write_wav
     speaker = speaker or load_speaker(args.talker_dir, device)
     wave = speaker.speak(text, temperature=0.0, seed=args.seed)
     write_wav(args.audio_out, wave, speaker.sample_rate)

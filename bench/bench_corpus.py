@@ -149,7 +149,9 @@ def main():
         print("| " + " | ".join(r[k].rjust(w) for k, w in zip(keys, widths)) + " |")
     torch_only = subprocess.run([sys.executable, "-c", "import torch; print(open('/proc/self/status').read()"
                                  ".split('VmHWM:')[1].split()[0])"], capture_output=True, text=True).stdout
-    print(f"(a process that only imports torch peaks at {int(torch_only) / 1024:.0f} MB; bench process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; "
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"(a process that only imports torch peaks at {int(torch_only) / 1024:.0f} MB; "
+          f"bench process peak RSS {peak / 1024:.0f} MB; "
           f"{os.cpu_count()} cores; tokenizer sample {TextConfig().tokenizer_sample_bytes / 1e6:g} MB)")
 
 

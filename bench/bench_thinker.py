@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 from omni import checkpoint as ckpt  # noqa: E402
 from omni.config import load_config  # noqa: E402
 from omni.stages.text import TextStage  # noqa: E402
-from omni.training_utils import ResumeOptions, build_trainer, train  # noqa: E402
+from omni.train.loop import ResumeOptions, build_trainer, train  # noqa: E402
 from omni.runtime import setup_runtime  # noqa: E402
 
 

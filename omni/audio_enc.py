@@ -1,11 +1,11 @@
 """The audio encoder (log-mel -> conv downsampling -> transformer) and its CTC speech recognizer.
 
-Public API used by later stages (SFT, Talker):
-  load_audio_encoder(ckpt_dir, device) -> AudioEncoder   forward(mel [B,T,n_mels], mask [B,T]) -> (hidden, mask')
-  load_asr(ckpt_dir, device) -> ASR                      transcribe(waves) -> list[str]
+Public API used by later stages (SFT, Talker; loaded by omni/loading.py: load_audio_encoder, load_asr):
+  AudioEncoder   forward(mel [B,T,n_mels], mask [B,T]) -> (hidden, mask')
+  ASR            transcribe(waves) -> list[str]
 
 CTC labels (index 0 is the CTC blank): the characters of the `charset` config key get ids 1..n.
-Stage B fills it from its training transcripts (omni/data/transcripts.py: normalisation, and
+Stage B fills it from its training transcripts (omni/transcripts.py: normalisation, and
 characters outside the set dropped and counted); a checkpoint saved before the key existed has
 none and gets the fixed set it was trained with, CHARSET (space, apostrophe, a..z).
 """
@@ -17,10 +17,9 @@ import torch
 import torch.nn as nn
 
 from omni.config import arch_from_config
-from omni.data.audio import LogMel, MelSpec
-from omni.data.common import pad_stack
-from omni.data.transcripts import LEGACY_ASR_CHARS, Charset, normalize_transcript
-from omni.layers import Transformer
+from omni.features import LogMel, MelSpec
+from omni.layers import Transformer, pad_stack
+from omni.transcripts import LEGACY_ASR_CHARS, Charset, normalize_transcript
 
 BLANK = 0
 CHARSET = LEGACY_ASR_CHARS                 # the set of checkpoints without a `charset` key
@@ -172,25 +171,3 @@ class ASR(nn.Module):
 
     def reader(self) -> CTCReader:
         return CTCReader(self.head, self.charset)
-
-
-# ----------------------------------------------------------------------------- loading
-def _load(ckpt_dir: str, device) -> ASR:
-    from omni.inference import load_component
-    from omni.stages.audio_enc import AudioEncStage
-    weights, config, path = load_component(ckpt_dir, AudioEncStage.prefix, list(AudioEncStage.weight_keys),
-                                           AudioEncStage.make_command)
-    model = ASR(AudioEncArch.from_config(config))
-    model.enc.load_state_dict(weights["enc"])
-    model.head.load_state_dict(weights["head"])
-    return model.to(device).eval()
-
-
-def load_audio_encoder(ckpt_dir: str, device="cpu") -> AudioEncoder:
-    """The trained audio encoder in eval mode (any checkpoint format; config from the checkpoint)."""
-    return _load(ckpt_dir, device).enc
-
-
-def load_asr(ckpt_dir: str, device="cpu") -> ASR:
-    """The trained encoder + CTC head in eval mode, ready for `transcribe`."""
-    return _load(ckpt_dir, device)

@@ -1,6 +1,6 @@
 """Checkpoint files: atomic writes, safe loads, discovery, keep-last-N cleanup.
 
-The training core (training_utils.py) decides *what* goes into a checkpoint and *when*; this
+The training core (omni/train/) decides *what* goes into a checkpoint and *when*; this
 module owns *how* files are written, found and read. Contract (docs/checkpoints.md):
 
   {prefix}_step_{N}.pt   every checkpoint_freq steps, newest keep_last_n kept (0: all)
@@ -29,9 +29,12 @@ from omni.config import UserError
 FORMAT_VERSION = 1
 TRAINING_STATE = "training_state.json"
 EXPORT_FILE = "model.safetensors"
-# Entries of a checkpoint dictionary that only resuming needs, and all entries that are not weights.
-RESUME_KEYS = {"optimizer", "scheduler", "scaler", "rng", "data_state"}
-NON_WEIGHT_KEYS = RESUME_KEYS | {"step", "best_val_loss", "config", "format_version"}
+TOKENIZER_FILE = "tokenizer.model"     # Stage A keeps its tokenizer beside its checkpoints
+# The entries of a checkpoint dictionary besides the weight keys, declared once (docs/checkpoints.md).
+OPTIMIZER, SCHEDULER, SCALER, RNG, DATA_STATE = "optimizer", "scheduler", "scaler", "rng", "data_state"
+STEP, BEST_VAL_LOSS, CONFIG, VERSION = "step", "best_val_loss", "config", "format_version"
+RESUME_KEYS = (OPTIMIZER, SCHEDULER, SCALER, RNG, DATA_STATE)      # only resuming needs these
+NON_WEIGHT_KEYS = frozenset(RESUME_KEYS + (STEP, BEST_VAL_LOSS, CONFIG, VERSION))
 
 
 class CheckpointError(UserError):
@@ -182,8 +185,8 @@ def keep_last(save_dir: str, prefix: str, n: int, archive_every: int = 0) -> lis
 
 def kind_of(obj) -> str:
     """'full' (resumable), 'weights' (weights + metadata), or 'legacy' (a bare state_dict)."""
-    if isinstance(obj, dict) and "format_version" in obj:
-        return "full" if "optimizer" in obj else "weights"
+    if isinstance(obj, dict) and VERSION in obj:
+        return "full" if OPTIMIZER in obj else "weights"
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return "legacy"
     raise CheckpointError("not a checkpoint of this suite: expected a dictionary of weights")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torchaudio
 
 from omni.config import arch_from_config
-from omni.data.audio import LogMel, MelSpec
+from omni.features import LogMel, MelSpec
 
 LOG_FLOOR = math.log(1e-5)      # LogMel's value for silence: padding uses it
 

@@ -30,6 +30,28 @@ def non_negative(default):
     return field(default=default, metadata={"min": 0})
 
 
+def inherited():
+    """An int key a stage takes from a checkpoint it loads: 0 (the default) inherits the value, any
+    other value must equal it (`inherit`)."""
+    return field(default=0, metadata={"min": 0, "inherited": True})
+
+
+def inherit(cfg, key: str, value: int, source: str) -> None:
+    """Set cfg.key to `value`, read from the checkpoint in folder `source`; an explicit value that
+    differs is a UserError naming the key and the folder."""
+    mine = getattr(cfg, key)
+    if mine and mine != value:
+        raise UserError(f"config key '{key}': {mine} differs from {value} of the model in {source}; "
+                        f"leave it out (or 0) to inherit it")
+    setattr(cfg, key, value)
+
+
+def inherits(cls, key: str, value) -> bool:
+    """Whether `value` of config key `key` of `cls` means "inherit" (the stage fills it in)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}.get(key)
+    return f is not None and f.metadata.get("inherited", False) and value == f.default
+
+
 @dataclass
 class TrainConfig:
     """Keys every stage shares. Stages subclass this and add their model and data keys."""
@@ -41,6 +63,9 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio at max_steps
     weight_decay: float = 0.01
+    adam_beta1: float = 0.9            # AdamW's moment decay rates
+    adam_beta2: float = 0.95
+    adamw_impl: str = choice("auto", "foreach", "fused", "loop")   # auto: torch's pick (foreach on CUDA)
     warmup_steps: int = non_negative(100)
     max_steps: int = positive(1000)
     grad_clip: float = 1.0             # 0 turns clipping off
@@ -62,6 +87,9 @@ class TrainConfig:
     progress: bool = True              # tqdm bar on a terminal, else a plain line every 10 % / 30 s
 
     def __post_init__(self):
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise UserError(f"config key '{key}': must be in [0, 1), got {getattr(self, key)!r}")
         if self.archive_every and (not self.checkpoint_freq or self.archive_every % self.checkpoint_freq):
             raise UserError(f"config key 'archive_every': must be a multiple of checkpoint_freq "
                             f"({self.checkpoint_freq}) so that archived steps have step files, "

@@ -29,12 +29,13 @@ from dataclasses import dataclass
 
 from omni import checkpoint as ckpt
 from omni.config import UserError, build_config, parse_override, read_json
-from omni.export import COMPONENT_DIRS, checkpoint_in, read_checkpoint
-from omni.inference import read_export, resolve_dir, stage_prefix_in
+from omni.export import COMPONENT_DIRS
+from omni.loading import checkpoint_in, read_checkpoint, read_export, resolve_dir, stage_prefix_in
 from omni.runtime import setup_runtime, teardown
-from omni.stages import letter_of, prefixes, stage_class
+from omni.registry import letter_of, prefixes
+from omni.stages import stage_class
 from omni.cli import run_cli
-from omni.training_utils import ResumeOptions, build_trainer, validate
+from omni.train.loop import ResumeOptions, build_trainer, validate
 
 FORMATS = {"full": "full", "weights": "weights-only", "legacy": "legacy"}
 
@@ -85,8 +86,7 @@ def stage_config(source: Source, stage_cls, manifest: str | None, overrides, sav
         if "test_manifest" in values:       # score the given manifest only
             values["test_manifest"] = ""
     if "tokenizer_model" in values:         # stage A: the tokenizer beside the weights, copied to save_dir
-        from omni.stages.text import TOKENIZER_FILE
-        values["tokenizer_model"] = os.path.join(source.folder, TOKENIZER_FILE)
+        values["tokenizer_model"] = os.path.join(source.folder, ckpt.TOKENIZER_FILE)
     for key in COMPONENT_DIRS:              # stage E: an export's component subfolders
         if key in values:
             values[key] = resolve_dir(source.folder, values[key])

@@ -27,46 +27,16 @@ import torch
 from safetensors.torch import save_file
 
 from omni import checkpoint as ckpt
-from omni.config import UserError
-from omni.inference import load_component, resolve_dir
-from omni.stages import letter_of, prefixes
+from omni import export_llama
 from omni.cli import run_cli
+from omni.config import UserError
+from omni.loading import load_component, read_checkpoint, resolve_dir
+from omni.registry import STAGES, letter_of
+from omni.thinker import ThinkerArch
 
-COMPONENT_DIRS = {"thinker_dir": "thinker", "audio_enc_dir": "audio_enc", "vision_dir": "vision"}
+# Stage E's component folders (config key -> subfolder of the export, named by the component's prefix)
+COMPONENT_DIRS = {key: STAGES[letter].prefix for key, letter in STAGES["E"].components}
 FORMATS = ("omni", "pt", "hf", "gguf")
-TOKENIZER_FILE = "tokenizer.model"
-
-
-def checkpoint_in(path: str) -> tuple[str, str]:
-    """(checkpoint file, stage prefix) for a .pt file or a stage folder."""
-    if os.path.isdir(path):
-        for prefix in prefixes():
-            found = ckpt.for_inference(path, prefix)
-            if found:
-                return found, prefix
-        raise UserError(f"no checkpoint of any stage in {path}")
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    name = os.path.basename(path)
-    for prefix in prefixes():
-        if name == f"{prefix}.pt" or name.startswith(f"{prefix}_"):
-            return path, prefix
-    return path, os.path.splitext(name)[0].split("_step_")[0].removesuffix("_best")
-
-
-def read_checkpoint(source: str) -> tuple[dict, dict, str, str]:
-    """(checkpoint object, config, file, stage prefix); the config from inside the checkpoint, else
-    from config.json beside it."""
-    path, prefix = checkpoint_in(source)
-    obj = ckpt.load(path)
-    config = obj.get("config") if ckpt.kind_of(obj) != "legacy" else None
-    config_path = os.path.join(os.path.dirname(path), "config.json")
-    if config is None and os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    if config is None:
-        raise UserError(f"{path}: no config inside and no config.json beside it")
-    return obj, config, path, prefix
 
 
 def weight_tensors(obj) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -101,7 +71,7 @@ def export(source: str, out: str, fmt: str = "omni", dtype: str = "f32") -> list
     folder = os.path.dirname(path)
     os.makedirs(out, exist_ok=True)
     written = []
-    if prefix == "omni":       # bring the components along, and point the config at them
+    if prefix == STAGES["E"].prefix:       # bring the components along, and point the config at them
         config = dict(config)
         for key, sub in COMPONENT_DIRS.items():
             written += export(resolve_dir(folder, config[key]), os.path.join(out, sub), fmt)
@@ -118,30 +88,27 @@ def export(source: str, out: str, fmt: str = "omni", dtype: str = "f32") -> list
         save_file(tensors, target, metadata=meta)
     ckpt.write_json(os.path.join(out, "config.json"), config)
     written += [target, os.path.join(out, "config.json")]
-    tokenizer = os.path.join(folder, TOKENIZER_FILE)
+    tokenizer = os.path.join(folder, ckpt.TOKENIZER_FILE)
     if os.path.isfile(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(out, TOKENIZER_FILE))
-        written.append(os.path.join(out, TOKENIZER_FILE))
+        shutil.copyfile(tokenizer, os.path.join(out, ckpt.TOKENIZER_FILE))
+        written.append(os.path.join(out, ckpt.TOKENIZER_FILE))
     return written
 
 
 def export_thinker(obj, config: dict, path: str, prefix: str, out: str, fmt: str, dtype: str) -> list[str]:
     """The Thinker of a Stage A or Stage E checkpoint as a Llama (hf folder or gguf file)."""
-    from omni import export_llama
-    from omni.stages.omni_sft import OmniSFTStage
-    from omni.stages.text import TextStage
-    from omni.thinker import ThinkerArch
-    if prefix == TextStage.prefix:
-        weights, thinker_dir = ckpt.weights_of(obj, ["model"], path)["model"], os.path.dirname(path)
-    elif prefix == OmniSFTStage.prefix:
-        weights = ckpt.weights_of(obj, list(OmniSFTStage.weight_keys), path, ("audio_enc", "vision"))["thinker"]
+    text, sft = STAGES["A"], STAGES["E"]
+    if prefix == text.prefix:
+        weights, thinker_dir = ckpt.weights_of(obj, list(text.weight_keys), path)["model"], os.path.dirname(path)
+    elif prefix == sft.prefix:
+        weights = ckpt.weights_of(obj, list(sft.weight_keys), path, sft.optional_keys)["thinker"]
         thinker_dir = resolve_dir(os.path.dirname(path), config["thinker_dir"])
         # Stage E keeps the Thinker's architecture and tokenizer in the Stage A folder it started from.
-        config = load_component(thinker_dir, TextStage.prefix, ["model"], TextStage.make_command)[1]
+        config = load_component(thinker_dir, text)[1]
     else:
         raise UserError(f"{path} is a stage {letter_of(prefix)} ({prefix}) checkpoint: --format {fmt} exports "
                         f"the Thinker, from a stage A (thinker) or stage E (omni) checkpoint")
-    tokenizer = os.path.join(thinker_dir, TOKENIZER_FILE)
+    tokenizer = os.path.join(thinker_dir, ckpt.TOKENIZER_FILE)
     if not os.path.isfile(tokenizer):
         raise UserError(f"tokenizer not found: {tokenizer} (the Thinker's folder holds it)")
     arch = ThinkerArch.from_config(config)
@@ -152,7 +119,7 @@ def export_thinker(obj, config: dict, path: str, prefix: str, out: str, fmt: str
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Export a checkpoint for inference: the suite's safetensors (omni), a "
-                                            "weights-only .pt, or the Thinker for transformers (hf) or llama.cpp (gguf).")
+                                "weights-only .pt, or the Thinker for transformers (hf) or llama.cpp (gguf).")
     p.add_argument("--ckpt", required=True, help="a .pt checkpoint or a stage's checkpoint folder")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--format", default="omni", choices=FORMATS, help="what to write (default: omni)")

@@ -37,6 +37,7 @@ import shutil
 
 import torch
 
+from omni.checkpoint import write_json
 from omni.config import UserError
 from omni.layers import RMSNorm
 from omni.thinker import ThinkerArch
@@ -131,7 +132,6 @@ def write_hf(sd: dict, arch: ThinkerArch, sp_path: str, out: str, dtype: str = "
     """A LlamaForCausalLM folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json
     (and the SentencePiece tokenizer.model for reference)."""
     from safetensors.torch import save_file
-    from omni.checkpoint import write_json
     tensors = llama_tensors(sd, arch)
     if dtype == "f16":
         tensors = {name: t.half() for name, t in tensors.items()}

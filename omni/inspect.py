@@ -12,7 +12,7 @@ import os
 
 from omni import checkpoint as ckpt
 from omni.config import UserError
-from omni.inference import read_export
+from omni.loading import checkpoint_in, read_export
 from omni.cli import run_cli
 
 
@@ -28,7 +28,6 @@ def describe(path: str) -> dict:
         return {"path": export, "format": "export", "step": meta.get("step"), "best_val_loss": None,
                 "weights": count_by_key(read_export(export)), "training_state": [], "config": config}
     if os.path.isdir(path):
-        from omni.export import checkpoint_in
         path = checkpoint_in(path)[0]
     obj = ckpt.load(path)
     kind = ckpt.kind_of(obj)
@@ -39,10 +38,10 @@ def describe(path: str) -> dict:
     for key, sd in obj.items():
         if key not in ckpt.NON_WEIGHT_KEYS:
             weights.update(count_by_key({f"{key}.{n}": t for n, t in sd.items()}))
-    state = [k for k in ("optimizer", "scheduler", "scaler", "rng", "data_state") if k in obj]
-    return {"path": path, "format": "full" if kind == "full" else "weights-only", "step": obj.get("step"),
-            "best_val_loss": obj.get("best_val_loss"), "weights": weights, "training_state": state,
-            "config": obj.get("config")}
+    state = [k for k in ckpt.RESUME_KEYS if k in obj]
+    return {"path": path, "format": "full" if kind == "full" else "weights-only", "step": obj.get(ckpt.STEP),
+            "best_val_loss": obj.get(ckpt.BEST_VAL_LOSS), "weights": weights, "training_state": state,
+            "config": obj.get(ckpt.CONFIG)}
 
 
 def count_by_key(flat: dict) -> dict[str, int]:

@@ -1,5 +1,6 @@
 """The transformer pieces every model shares: RMSNorm, RoPE, attention (SDPA, grouped-query heads,
-KV cache), SwiGLU MLP, pre-norm blocks, and a token sampler.
+KV cache), SwiGLU MLP, pre-norm blocks, a token sampler, and `pad_stack` (variable-length items
+into one padded batch and its mask).
 
 The Thinker and Talker use `Transformer(causal=True)`; the audio and vision encoders use
 `Transformer(causal=False)` with a padding mask.
@@ -173,3 +174,14 @@ def sample_next(logits, temperature: float = 1.0, top_k: int = 0, generator=None
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def pad_stack(tensors, value=0.0):
+    """Stack tensors of shape [T_i, ...] into [B, T_max, ...] and a mask [B, T_max] (True = real)."""
+    longest = max(t.shape[0] for t in tensors)
+    out = tensors[0].new_full((len(tensors), longest, *tensors[0].shape[1:]), value)
+    mask = torch.zeros(len(tensors), longest, dtype=torch.bool)
+    for i, t in enumerate(tensors):
+        out[i, :t.shape[0]] = t
+        mask[i, :t.shape[0]] = True
+    return out, mask

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from omni.layers import pad_stack
 from omni.thinker import Thinker
 from omni.tokenizer import Tokenizer
 
@@ -57,6 +58,12 @@ class OmniModel(nn.Module):
     def device(self):
         return self.thinker.embed.weight.device
 
+    def parts(self) -> dict[str, nn.Module]:
+        """The modules by their Stage E weight key (the encoders only where present)."""
+        parts = {"thinker": self.thinker, "proj_a": self.proj_a, "proj_v": self.proj_v,
+                 "audio_enc": self.audio_encoder, "vision": self.vision_encoder}
+        return {key: module for key, module in parts.items() if module is not None}
+
     # ------------------------------------------------------------------ media
     def encode_media(self, images: list, mels: list, grad_encoders: bool = False) -> list[Media]:
         """Project each sample's image [3,H,W] and log-mel [T, n_mels] (None where absent)."""
@@ -64,10 +71,10 @@ class OmniModel(nn.Module):
         with torch.set_grad_enabled(grad_encoders and torch.is_grad_enabled()):
             has_img = [i for i, x in enumerate(images) if x is not None]
             if has_img:
-                feats = self._need(self.vision_encoder, "vision")(torch.stack([images[i] for i in has_img]).to(self.device))
+                stacked = torch.stack([images[i] for i in has_img]).to(self.device)
+                feats = self._need(self.vision_encoder, "vision")(stacked)
             has_aud = [i for i, x in enumerate(mels) if x is not None]
             if has_aud:
-                from omni.data.common import pad_stack
                 mel, mask = pad_stack([mels[i] for i in has_aud])
                 hidden, hmask = self._need(self.audio_encoder, "audio")(mel.to(self.device), mask.to(self.device))
         if has_img:

@@ -17,8 +17,9 @@ import time
 from dataclasses import dataclass, field
 
 from omni import checkpoint as ckpt
-from omni.config import UserError, config_dict, load_config, read_json
-from omni.stages import STAGES, stage_class
+from omni.config import UserError, config_dict, inherits, load_config, read_json
+from omni.registry import STAGES
+from omni.stages import stage_class
 from omni.cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,7 @@ def read_pipeline(path: str) -> tuple[dict, list[StageRun]]:
 
 def is_finished(run: StageRun, resolved: dict) -> bool:
     """Final checkpoint present, training finished, and the same resolved config."""
-    prefix = stage_class(run.letter).prefix
+    prefix = STAGES[run.letter].prefix
     state = ckpt.read_training_state(run.save_dir)
     saved = os.path.join(run.save_dir, "config.json")
     if not (os.path.isfile(ckpt.final_path(run.save_dir, prefix)) and state.get("finished") and os.path.isfile(saved)):
@@ -68,9 +69,11 @@ def is_finished(run: StageRun, resolved: dict) -> bool:
     defaults = config_dict(stage_class(run.letter).config_class())
     trained = {**{k: v for k, v in defaults.items() if k not in trained}, **trained}
     # An empty value is filled in by the stage from its data (Stage C's caption vocabulary, the
-    # character set of Stages B and D).
+    # character set of Stages B and D) or from the models it loads (Stage E's image size and mels).
+    config_class = stage_class(run.letter).config_class
     same = trained.keys() == resolved.keys() and all(
-        v in ([], trained[k]) or (k == "charset" and v == "") for k, v in resolved.items())
+        v in ([], trained[k]) or (k == "charset" and v == "") or inherits(config_class, k, v)
+        for k, v in resolved.items())
     if not same:
         print(f"stage {run.letter}: the config differs from the finished run in {run.save_dir}; "
               "its trainer decides (raise max_steps to train on, or use a new save_dir to start over)")
@@ -94,7 +97,7 @@ def run_stage(run: StageRun, extra: list[str]) -> int:
     if is_finished(run, resolved):
         run.status = "skipped (finished)"
     else:
-        script = STAGES[run.letter][0]
+        script = STAGES[run.letter].script
         cmd = [sys.executable, os.path.join(ROOT, script), "--config", run.config]
         for o in overrides:
             cmd += ["--set", o]
@@ -114,7 +117,7 @@ def run_stage(run: StageRun, extra: list[str]) -> int:
 
 def draw_curves(save_dir: str) -> None:
     try:
-        from omni.plot import plot_run
+        from omni.plot import plot_run  # optional: matplotlib
     except ImportError:      # matplotlib is optional
         return
     plot_run(save_dir)
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     spec, runs = read_pipeline(args.config)
     if spec.get("demo_dir"):
-        from omni.data.demo import ensure_demo_world
+        from omni.data.demo import ensure_demo_world  # optional: only when the config names a demo world
         ensure_demo_world(spec["demo_dir"], spec.get("demo_size", "small"))
     code = 0
     for run in runs:

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")          # files only: no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from omni.cli import run_cli  # noqa: E402
 from omni.config import UserError  # noqa: E402
 
 SKIP = {"step", "split", "val_loss", "lr", "skipped_samples", "steps_per_s", "grad_norm"}
@@ -62,5 +63,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from omni.cli import run_cli
     run_cli(main)

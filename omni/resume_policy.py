@@ -2,9 +2,9 @@
 
 Every TrainConfig key is in exactly one of three classes (tests/test_faults.py fails on a new
 key that is in none):
-  SCHEDULE  applied: the lr, weight decay and warmup-cosine schedule are rebuilt from the new
-            config at the resumed step (the restored optimizer and scheduler state would
-            otherwise keep the old lr and weight decay without a word).
+  SCHEDULE  applied: the lr, weight decay, AdamW settings and warmup-cosine schedule are rebuilt
+            from the new config at the resumed step (the restored optimizer and scheduler state
+            would otherwise keep the old values without a word).
   REFUSED   the order of the training data derives from them, so the data position cannot be
             kept exact: the run stops with one line naming the key and the ways out.
   APPLIED   nothing saved depends on them; they take effect as they are. grad_accum_steps is
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from omni.config import UserError, config_dict
 
-SCHEDULE = frozenset({"lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay"})
+SCHEDULE = frozenset({"lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay",
+                      "adam_beta1", "adam_beta2", "adamw_impl"})
 REFUSED = frozenset({"batch_size", "seed"})
 APPLIED = frozenset({"device", "amp", "grad_accum_steps", "grad_clip", "eval_interval", "eval_batches",
                      "checkpoint_freq", "keep_last_n", "archive_every", "log_interval", "log_to", "save_dir",

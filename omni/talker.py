@@ -3,7 +3,7 @@
 Input sequence of one utterance (see docs/stage_d_talker.md):
 
     [c_1 ... c_n]        the characters of the normalised text, ids in the architecture's `charset`
-                         (omni/data/transcripts.py; dropped characters noted), or n Thinker hidden states through
+                         (omni/transcripts.py; dropped characters noted), or n Thinker hidden states through
                          `cond_proj`), then
     [S, f_1 ... f_T]     a learned start-of-speech vector and the code frames so far (the sum of one
                          embedding per codebook).
@@ -24,21 +24,15 @@ from the text length.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from dataclasses import dataclass
 
-import soundfile as sf
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from omni.codec import CodecArch, GriffinLimVocoder, SpeechCodec, Vocoder
 from omni.config import arch_from_config
-from omni.data.audio import MelSpec
-from omni.data.common import pad_stack
-from omni.data.transcripts import LEGACY_TALKER_CHARS, Charset, normalize_transcript
-from omni.layers import KVCache, Transformer, sample_next
+from omni.layers import KVCache, Transformer, pad_stack, sample_next
+from omni.transcripts import LEGACY_TALKER_CHARS, Charset, normalize_transcript
 
 CHARS = LEGACY_TALKER_CHARS                  # the set of checkpoints without a `charset` key
 PAD_ID = 0                                   # id 0 is padding; characters are 1..len(charset)
@@ -250,65 +244,3 @@ class Talker(nn.Module):
             frames.append(row[0])
             x = self.speech(self.frame_embed(row), torch.full((1,), t, device=device), total, source, prefix)[None]
         return torch.stack(frames) if frames else torch.zeros(0, self.n_codebooks, dtype=torch.long, device=device)
-
-
-# ----------------------------------------------------------------------------- inference API
-class Speaker:
-    """Text -> waveform: Talker codes -> codec decoder (log-mel) -> vocoder."""
-
-    def __init__(self, talker: Talker, codec: SpeechCodec, vocoder: Vocoder | None = None):
-        self.talker, self.codec = talker, codec
-        self.vocoder = vocoder or GriffinLimVocoder(MelSpec(n_mels=codec.arch.n_mels))
-        self.sample_rate = self.vocoder.sample_rate
-
-    @torch.no_grad()
-    def codes(self, text: str, temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> torch.Tensor:
-        said, dropped = self.talker.charset.split(text)
-        if dropped:     # a one-line note: the caller hears the rest of the sentence
-            print(f"note: the Talker cannot read {len(dropped)} kind(s) of character, "
-                  f"{sum(dropped.values())} dropped: {''.join(sorted(dropped))!r}", file=sys.stderr)
-        ids = text_to_ids(said, self.talker.charset).to(self.talker.speech_start.device)
-        if len(ids) == 0:
-            return torch.zeros(0, self.talker.n_codebooks, dtype=torch.long)
-        generator = torch.Generator(device=ids.device).manual_seed(seed)
-        return self.talker.generate(ids, temperature, top_k, generator)
-
-    @torch.no_grad()
-    def codes_to_wave(self, codes: torch.Tensor) -> torch.Tensor:
-        if len(codes) == 0:
-            return torch.zeros(0)
-        return self.vocoder.mel_to_wave(self.codec.decode(codes[None])[0])
-
-    def speak(self, text: str, temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> torch.Tensor:
-        """1-D float waveform at self.sample_rate (empty when the text has nothing to say).
-        Greedy by default; with temperature > 0 the seed makes it repeatable."""
-        return self.codes_to_wave(self.codes(text, temperature, top_k, seed))
-
-
-def load_speaker(ckpt_dir: str, device="cpu") -> Speaker:
-    """A Speaker from a Stage D checkpoint folder (best, else final, else newest step file)."""
-    from omni.inference import load_component
-    from omni.stages.talker import TalkerStage
-    weights, config, _ = load_component(ckpt_dir, TalkerStage.prefix, ["talker", "rvq"], TalkerStage.make_command)
-    codec = SpeechCodec(CodecArch.from_config(config))
-    codec.load_state_dict(weights["rvq"])
-    talker = Talker(TalkerArch.from_config(config), codec.arch.n_codebooks, codec.arch.codebook_size)
-    talker.load_state_dict(weights["talker"])
-    vocoder = GriffinLimVocoder(MelSpec(n_mels=codec.arch.n_mels), n_iter=config.get("griffin_lim_iters", 32))
-    return Speaker(talker.to(device).eval(), codec.to(device).eval(), vocoder)
-
-
-def write_wav(path: str, wave: torch.Tensor, sample_rate: int) -> None:
-    """A mono PCM_16 WAV (samples clipped to [-1, 1])."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    sf.write(path, wave.detach().float().cpu().clamp(-1, 1).numpy(), sample_rate, subtype="PCM_16")
-
-
-def speak_to_file(text: str, path: str, talker_dir: str, device="cpu", temperature: float = 0.0,
-                  seed: int = 0) -> float:
-    """Speak text into a WAV file with the Talker in talker_dir; returns the duration in seconds."""
-    speaker = load_speaker(talker_dir, device)
-    wave = speaker.speak(text, temperature=temperature, seed=seed)
-    write_wav(path, wave, speaker.sample_rate)
-    return len(wave) / speaker.sample_rate

@@ -1,8 +1,8 @@
 """The vision encoder (a small ViT) and the caption encoder it is trained against, CLIP-style.
 
-Public API used by the SFT stage:
-  load_vision_encoder(ckpt_dir, device) -> ViT    forward(images [B,3,S,S] in [-1,1]) -> tokens [B, 1+N, d]
-  load_clip(ckpt_dir, device) -> CLIP             image/caption embeddings and similarities
+Public API used by the SFT stage (loaded by omni/loading.py: load_vision_encoder, load_clip):
+  ViT       forward(images [B,3,S,S] in [-1,1]) -> tokens [B, 1+N, d]
+  CLIP      image/caption embeddings and similarities
 
 Captions are split into lowercase words; the vocabulary is the sorted set of words of the
 training captions (config key `vocab`, stored in every checkpoint's config), after four special
@@ -20,8 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from omni.config import arch_from_config
-from omni.data.common import pad_stack
-from omni.layers import Transformer
+from omni.layers import Transformer, pad_stack
 
 SPECIALS = ["<pad>", "<unk>", "<cls>"]
 PAD, UNK, CLS = 0, 1, 2
@@ -239,23 +238,3 @@ def info_nce(logits: torch.Tensor, same: torch.Tensor | None = None) -> torch.Te
     def one_way(x, right):
         return (x.logsumexp(dim=1) - x.masked_fill(~right, float("-inf")).logsumexp(dim=1)).mean()
     return (one_way(logits, same) + one_way(logits.T, same.T)) / 2
-
-
-# ----------------------------------------------------------------------------- loading
-def load_clip(ckpt_dir: str, device="cpu") -> CLIP:
-    """The trained image and caption encoders in eval mode (any checkpoint format)."""
-    from omni.inference import load_component
-    from omni.stages.vision import VisionStage
-    weights, config, path = load_component(ckpt_dir, VisionStage.prefix, list(VisionStage.weight_keys),
-                                           VisionStage.make_command, optional=("caption_decoder",))
-    model = CLIP(VisionArch.from_config(config))
-    if "caption_decoder" not in weights:    # an export may leave it out: the SFT stage needs the ViT only
-        model.caption_decoder = None
-    for key, module in model.parts().items():
-        module.load_state_dict(weights[key])
-    return model.to(device).eval()
-
-
-def load_vision_encoder(ckpt_dir: str, device="cpu") -> ViT:
-    """The trained ViT in eval mode: images [B,3,S,S] in [-1,1] -> tokens [B, 1+N, out_dim]."""
-    return load_clip(ckpt_dir, device).vit

@@ -31,9 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import omni.checkpoint as ckpt  # noqa: E402
-import omni.training_utils as tu  # noqa: E402
+import omni.train.loop as loop  # noqa: E402
 
-real_train_step, real_save, real_atomic_write, real_validate = tu.train_step, ckpt.save, ckpt.atomic_write, tu.validate
+real_train_step, real_validate = loop.train_step, loop.validate
+real_save, real_atomic_write = ckpt.save, ckpt.atomic_write
 
 
 def install_faults(env) -> None:
@@ -77,7 +78,7 @@ def install_faults(env) -> None:
             return real_atomic_write(path, lambda f: write(FullDisk(f)))
         return real_atomic_write(path, write)
 
-    tu.train_step, tu.validate, ckpt.save, ckpt.atomic_write = train_step, validate, save, atomic_write
+    loop.train_step, loop.validate, ckpt.save, ckpt.atomic_write = train_step, validate, save, atomic_write
 
 
 class FullDisk:

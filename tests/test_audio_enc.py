@@ -8,9 +8,9 @@ import torch
 
 from conftest import load_pt, run_script, write_config
 from omni.audio_enc import (BLANK, CHARSET, VOCAB_SIZE, ASR, AudioEncArch, AudioEncoder, ctc_greedy_decode,
-                            downsampled_mask, ids_to_text, load_asr, load_audio_encoder, normalize_text,
-                            text_to_ids)
+                            downsampled_mask, ids_to_text, normalize_text, text_to_ids)
 from omni.config import UserError
+from omni.loading import load_asr, load_audio_encoder
 from omni.data.audio import read_audio
 from omni.metrics import cer, edit_distance, error_counts, wer
 
@@ -112,8 +112,11 @@ def _rewrite(src_dir, dst_dir, make):
 
 
 def test_loaders_accept_full_weights_only_and_legacy(trained_dir, demo_tiny, tmp_path):
-    weights_only = lambda o: {k: o[k] for k in ("enc", "head", "step", "config", "format_version")}
-    legacy = lambda o: {f"{k}.{n}": t for k in ("enc", "head") for n, t in o[k].items()}
+    def weights_only(o):
+        return {k: o[k] for k in ("enc", "head", "step", "config", "format_version")}
+
+    def legacy(o):
+        return {f"{k}.{n}": t for k in ("enc", "head") for n, t in o[k].items()}
     _rewrite(trained_dir, tmp_path / "weights", weights_only)
     _rewrite(trained_dir, tmp_path / "legacy", legacy)
     waves = _waves(demo_tiny)

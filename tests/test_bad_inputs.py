@@ -204,7 +204,7 @@ def all_bad_manifest(tmp_path, files):
 
 def test_training_data_with_no_usable_sample_is_an_error_not_a_hang(broken, tmp_path):
     from omni.stages.vision import VisionStage
-    from omni.training_utils import train
+    from omni.train.loop import train
     manifest = all_bad_manifest(tmp_path, ["gone.png", "not_an_image.png"] * 4)
     shutil.copytree(os.path.join(broken["dir"], "media"), tmp_path / "media")
     cfg = vision_stage_config(broken, tmp_path, manifest, os.path.join(broken["dir"], "image_caption_val.jsonl"))
@@ -214,7 +214,7 @@ def test_training_data_with_no_usable_sample_is_an_error_not_a_hang(broken, tmp_
 
 def test_validation_with_no_usable_sample_names_no_best_checkpoint(broken, tmp_path):
     from omni.stages.vision import VisionStage
-    from omni.training_utils import train
+    from omni.train.loop import train
     manifest = all_bad_manifest(tmp_path, ["gone.png", "not_an_image.png"])
     shutil.copytree(os.path.join(broken["dir"], "media"), tmp_path / "media")
     cfg = vision_stage_config(broken, tmp_path, os.path.join(broken["dir"], "image_caption_train.jsonl"), manifest)

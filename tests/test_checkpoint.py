@@ -11,7 +11,8 @@ from omni.config import build_config
 from omni.data.text import TokenWindows
 from omni.runtime import Runtime
 from omni.stages.text import TextConfig, TextStage
-from omni.training_utils import ResumeOptions, build_trainer, find_resume_checkpoint, train
+from omni.train.loop import ResumeOptions, build_trainer, train
+from omni.train.state import find_resume_checkpoint
 
 
 def text_cfg(corpus, save_dir, **kw):

@@ -5,8 +5,9 @@ import os
 import torch
 
 from omni.codec import CodecArch, GriffinLimVocoder, SpeechCodec, VectorQuantizer, usage_perplexity
-from omni.data.audio import LogMel, read_audio
-from omni.data.common import pad_stack
+from omni.data.audio import read_audio
+from omni.features import LogMel
+from omni.layers import pad_stack
 from omni.data.manifest import read_manifest
 
 TINY = dict(codec_channels=32, latent_dim=16, n_codebooks=2, codebook_size=32)

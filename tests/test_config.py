@@ -7,7 +7,7 @@ from conftest import run_script, thinker_config, write_config
 from omni.config import TrainConfig, UserError, load_config
 from omni.stages.text import TextConfig, TextStage
 from omni.cli import one_line
-from omni.training_utils import trainer_main
+from omni.train.main import trainer_main
 
 
 def run_main(capsys, *argv):

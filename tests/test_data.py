@@ -10,14 +10,17 @@ import torch
 from PIL import Image
 
 from omni.config import TrainConfig, build_config
-from omni.data.audio import AudioTextDataset, MelSpec, audio_frames, spec_augment
-from omni.data.common import DataError, pad_stack
+from omni.data.audio import AudioTextDataset, audio_frames, spec_augment
+from omni.features import MelSpec
+from omni.data.common import DataError
+from omni.layers import pad_stack
 from omni.data.image import ImageCaptionDataset
 from omni.data.manifest import read_manifest
 from omni.data.sampler import sample_generator
 from omni.data.sft import SFTDataset, read_sft_manifest
-from omni.stage import SkipBadSamples, Stage
-from omni.training_utils import train
+from omni.train.stage import SkipBadSamples, Stage
+from omni.registry import StageSpec
+from omni.train.loop import train
 
 
 @pytest.fixture
@@ -130,7 +133,7 @@ def test_pad_stack_shapes_and_masks():
 
 class CaptionColourStage(Stage):
     """A minimal stage for the loop's bad-sample accounting: predict the mean colour."""
-    prefix = "probe"
+    spec = StageSpec("P", "probe", "", __name__, "CaptionColourStage", "", weight_keys=("net",))
 
     def setup(self):
         d = self.cfg.save_dir

@@ -11,6 +11,7 @@ from omni import checkpoint as ckpt
 from omni.evaluate import evaluate, main
 from omni.export import export
 from omni.stages import stage_class
+from omni.registry import STAGES
 from omni.cli import run_cli
 
 ID_KEYS = {"stage", "checkpoint", "format", "step", "manifest"}
@@ -57,7 +58,7 @@ def snapshot(folder: str) -> dict:
 
 
 def final_pt(cfg: dict, letter: str) -> str:
-    return ckpt.final_path(cfg["save_dir"], stage_class(letter).prefix)
+    return ckpt.final_path(cfg["save_dir"], STAGES[letter].prefix)
 
 
 @pytest.mark.parametrize("letter", "ABCDE")
@@ -68,7 +69,7 @@ def test_stage_folder_gives_the_logged_figures_of_its_best_checkpoint(stages, le
     records = val_records(save_dir)
     best = min(records, key=lambda r: r["val_loss"])       # min() keeps the first: the one saved as best
     assert got["stage"] == letter and got["format"] == "full" and got["step"] == best["step"]
-    assert got["checkpoint"] == ckpt.best_path(save_dir, stage_class(letter).prefix)
+    assert got["checkpoint"] == ckpt.best_path(save_dir, STAGES[letter].prefix)
     assert got["manifest"] == stages[letter][stage_class(letter).val_key]
     assert_same_figures(got, best)
     assert snapshot(save_dir) == before          # nothing written into the checkpoint folder

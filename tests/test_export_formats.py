@@ -10,7 +10,8 @@ from conftest import load_pt, run_script, thinker_config, write_config
 from omni import checkpoint as ckpt
 from omni.config import UserError
 from omni.export import export
-from omni.inference import generate_text, load_thinker
+from omni.generation import generate_text
+from omni.loading import load_thinker
 from omni.layers import apply_rope, rope_tables
 from omni.tokenizer import SPECIAL_TOKENS
 

@@ -17,7 +17,8 @@ from omni import resume_policy
 from omni.config import TrainConfig, UserError, build_config
 from omni.runtime import Runtime
 from omni.stages.text import TextConfig, TextStage
-from omni.training_utils import ResumeOptions, build_trainer, train, warmup_cosine
+from omni.train.loop import ResumeOptions, build_trainer, train
+from omni.train.optim import warmup_cosine
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -84,6 +85,21 @@ def test_schedule_changes_are_applied_at_the_resumed_step(six_steps, tmp_path, c
     for change in ("lr 0.003 -> 0.001", "max_steps 12 -> 20", "warmup_steps 2 -> 8", "weight_decay 0.01 -> 0.2",
                    "lr schedule rebuilt from the new config at step 6"):
         assert change in out, out
+
+
+def test_adamw_settings_come_from_the_config_and_apply_on_resume(six_steps, tmp_path, corpus, capsys):
+    fresh = build_trainer(TextStage(text_cfg(corpus, tmp_path / "fresh", adam_beta1=0.8, adamw_impl="loop"), CPU),
+                          ResumeOptions())
+    assert [(g["betas"], g["foreach"], g["fused"]) for g in fresh.optimizer.param_groups] == [((0.8, 0.95), False,
+                                                                                              False)] * 2
+    cfg = text_cfg(corpus, copy_run(six_steps, tmp_path), adam_beta2=0.99, adamw_impl="foreach")
+    resumed = build_trainer(TextStage(cfg, CPU), ResumeOptions())      # the checkpoint holds (0.9, 0.95), auto
+    assert resumed.step == 6
+    assert [(g["betas"], g["foreach"]) for g in resumed.optimizer.param_groups] == [((0.9, 0.99), True)] * 2
+    out = capsys.readouterr().out
+    assert "adam_beta2 0.95 -> 0.99" in out and "adamw_impl 'auto' -> 'foreach'" in out, out
+    with pytest.raises(UserError, match=r"config key 'adam_beta2': must be in \[0, 1\), got 1.0"):
+        text_cfg(corpus, tmp_path / "bad", adam_beta2=1.0)
 
 
 def test_unchanged_config_restores_the_very_same_lr(six_steps, tmp_path, corpus):

@@ -13,7 +13,7 @@ from conftest import run_script, thinker_config, write_config
 from omni import logs
 from omni.config import UserError
 from omni.stages.text import TextStage
-from omni.training_utils import trainer_main
+from omni.train.main import trainer_main
 
 PROGRESS_LINE = re.compile(r"^thinker: step (\d+)/12 \(\d+%\)  loss \d+\.\d{4}  [\d.e+]+ steps/s  eta \S+$")
 

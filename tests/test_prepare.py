@@ -96,7 +96,7 @@ def coco(tmp_path_factory):
     colours, shapes = ["red", "green", "blue", "yellow"], ["square", "box", "block"]
     for split, ids in (("train2017", range(1, 13)), ("val2017", range(101, 105))):
         images, notes = [], []
-        for n, image_id in enumerate(ids):
+        for image_id in ids:
             name = f"{image_id:012d}.jpg"
             images.append({"id": image_id, "file_name": name, "height": 40, "width": 48})
             if image_id != 12:                      # image 12 is listed but missing
@@ -195,8 +195,8 @@ def test_a_subset_folder_alone_gets_val_and_test_carved_by_hash(librispeech, tmp
     assert summary["splits"]["given"] == ["train"]
     by_split = {s: [r["audio"].rsplit("/", 1)[1][:-5] for r in records(out / f"asr_{s}.jsonl")]
                 for s in ("train", "val", "test") if os.path.isfile(out / f"asr_{s}.jsonl")}
-    assert sorted(utt for ids in by_split.values() for utt in ids) == ["19-198-0000", "19-198-0001", "19-198-0002", "26-495-0000",
-                                                  "26-495-0002"]
+    assert sorted(utt for ids in by_split.values() for utt in ids) == [
+        "19-198-0000", "19-198-0001", "19-198-0002", "26-495-0000", "26-495-0002"]
     for split, ids in by_split.items():     # each id sits where its hash puts it
         for utt in ids:
             h = prepare.hash_fraction(utt)

@@ -12,13 +12,14 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import ROOT, load_pt, run_script, write_config
-from omni.audio_enc import CHARSET, AudioEncArch, AudioEncoder, charset_of, load_asr
+from omni.audio_enc import CHARSET, AudioEncArch, AudioEncoder, charset_of
 from omni.codec import CodecArch, SpeechCodec
 from omni.config import UserError, load_config
 from omni.data.image import fit_square, read_image
-from omni.data.transcripts import Charset, derive_charset, normalize_transcript
+from omni.transcripts import Charset, derive_charset, normalize_transcript
 from omni.stages import stage_class
-from omni.talker import CHARS, Talker, TalkerArch, load_speaker
+from omni.loading import load_asr, load_audio_encoder, load_speaker
+from omni.talker import CHARS, Talker, TalkerArch
 from test_audio_enc import audio_enc_config
 from test_talker import tiny_stage_config
 
@@ -139,7 +140,6 @@ def test_stage_b_derives_stores_and_reloads_its_charset(stage_b, real_world):
 
 
 def load_audio_encoder_dim(folder: str) -> int:
-    from omni.audio_enc import load_audio_encoder
     return load_audio_encoder(folder).out_dim
 
 
@@ -208,8 +208,8 @@ def test_image_resize_modes(tmp_path):
 def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
     from omni import runtime
     for cuda, mps, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        monkeypatch.setattr(runtime, "mps_available", lambda: mps)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(runtime, "mps_available", lambda mps=mps: mps)
         assert runtime.resolve_device("auto").type == expected
     assert runtime.resolve_device("cpu").type == "cpu"
     with pytest.raises(UserError, match="config key 'device': mps requested"):
@@ -261,7 +261,8 @@ def test_base_configs_load_and_have_the_parameter_counts_the_doc_states():
     with torch.device("meta"):
         from omni.omni_model import Projector
         proj = nn.ModuleList([Projector(384, 640), Projector(384, 640)])
-    counted[("E", "Thinker + projectors (trained)")] = counted[("A", "Thinker")] + sum(p.numel() for p in proj.parameters())
+    counted[("E", "Thinker + projectors (trained)")] = \
+        counted[("A", "Thinker")] + sum(p.numel() for p in proj.parameters())
     assert cfg.image_size == load_config(stage_class("C").config_class,
                                          os.path.join(ROOT, "configs", "vision_base.json")).image_size
     assert stated == counted

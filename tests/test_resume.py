@@ -1,24 +1,31 @@
 """Resume is exact: a run killed at any step and started again ends bit-identical to a run that
 was never interrupted (weights and optimizer state), with any num_workers and with gradient
-accumulation. Every stage is listed in STAGES, so each one is held to the same contract."""
+accumulation. The matrix runs over every stage of the registry (omni/registry.py), so each one is
+held to the same contract; a stage added there without a config fixture here fails the first test."""
 import os
 import random
 
 import pytest
 
 from conftest import assert_same_state, load_pt, run_script, thinker_config, write_config
+from omni.registry import STAGES
 from test_audio_enc import audio_enc_config
 from test_talker import tiny_stage_config as talker_config
 from test_vision import vision_config
 
-# stage name -> (script, checkpoint prefix, weight keys, fixture giving the config function)
-STAGES = {
-    "text": ("train_text.py", "thinker", ["model"], "text_stage_config"),
-    "audio_enc": ("train_audio_enc.py", "audio_enc", ["enc", "head"], "audio_stage_config"),
-    "talker": ("train_talker.py", "talker", ["talker", "rvq"], "talker_stage_config"),
-    "vision": ("train_vision.py", "vision", ["vit", "img_proj", "text_proj", "text_embed"], "vision_stage_config"),
-    "omni": ("sft_omni.py", "omni", ["thinker", "proj_a", "proj_v"], "omni_stage_config"),
-}
+# stage letter -> the fixture giving its config function
+CONFIG_FIXTURES = {"A": "text_stage_config", "B": "audio_stage_config", "C": "vision_stage_config",
+                   "D": "talker_stage_config", "E": "omni_stage_config"}
+
+
+def stage_case(letter: str):
+    """(script, checkpoint prefix, weight keys, config fixture) of a registered stage."""
+    spec = STAGES[letter]
+    return spec.script, spec.prefix, list(spec.weight_keys), CONFIG_FIXTURES[letter]
+
+
+def test_the_resume_matrix_holds_every_registered_stage():
+    assert CONFIG_FIXTURES.keys() == STAGES.keys()
 
 
 @pytest.fixture
@@ -62,7 +69,7 @@ def reference(tmp_path):
     def get(stage, make_cfg, **kw):
         key = (stage, tuple(sorted(kw.items())))
         if key not in cache:
-            script, prefix, _, _ = STAGES[stage]
+            script, prefix, _, _ = stage_case(stage)
             cfg = make_cfg(tmp_path / f"ref_{len(cache)}", **kw)
             proc = run_stage(script, cfg, tmp_path, f"ref_{len(cache)}")
             assert proc.returncode == 0, proc.stderr
@@ -75,7 +82,7 @@ def reference(tmp_path):
 @pytest.mark.parametrize("variant", [{}, {"num_workers": 2}, {"grad_accum_steps": 2}],
                          ids=["plain", "workers2", "accum2"])
 def test_sigkill_then_resume_is_bit_identical(stage, variant, tmp_path, reference, request):
-    script, prefix, keys, fixture = STAGES[stage]
+    script, prefix, keys, fixture = stage_case(stage)
     make_cfg = request.getfixturevalue(fixture)
     accum = {k: v for k, v in variant.items() if k == "grad_accum_steps"}
     expected = reference(stage, make_cfg, **accum)   # num_workers must not change the result
@@ -98,7 +105,7 @@ def test_sigkill_then_resume_is_bit_identical(stage, variant, tmp_path, referenc
 @pytest.mark.parametrize("stage", sorted(STAGES))
 @pytest.mark.parametrize("to_workers", [False, True], ids=["main", "with_workers"])
 def test_sigterm_saves_then_resume_is_bit_identical(stage, to_workers, tmp_path, reference, request):
-    script, prefix, keys, fixture = STAGES[stage]
+    script, prefix, keys, fixture = stage_case(stage)
     make_cfg = request.getfixturevalue(fixture)
     # with_workers: the DataLoader workers get the signal too (pkill -f, a scheduler's group kill)
     cfg = make_cfg(tmp_path / "term", **({"num_workers": 2} if to_workers else {}))
@@ -117,7 +124,7 @@ def test_sigterm_saves_then_resume_is_bit_identical(stage, to_workers, tmp_path,
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_sigkill_inside_a_save_keeps_the_previous_checkpoint(stage, tmp_path, reference, request):
-    script, prefix, keys, fixture = STAGES[stage]
+    script, prefix, keys, fixture = stage_case(stage)
     make_cfg = request.getfixturevalue(fixture)
     cfg = make_cfg(tmp_path / "crash")
     proc = run_stage(script, cfg, tmp_path, "crash", env={"OMNI_TEST_KILL_IN_SAVE": "9"})

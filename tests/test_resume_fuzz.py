@@ -19,7 +19,8 @@ import time
 import pytest
 
 from conftest import ROOT, assert_same_state, load_pt, run_script
-from test_resume import (STAGES, audio_stage_config, omni_stage_config, talker_stage_config,  # noqa: F401
+from omni.registry import STAGES
+from test_resume import (audio_stage_config, omni_stage_config, stage_case, talker_stage_config,  # noqa: F401
                          text_stage_config, vision_stage_config)
 
 KILLS = int(os.environ.get("OMNI_FUZZ_KILLS", "20"))
@@ -80,7 +81,7 @@ def drive(plan: dict) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_random_sigkills_lose_nothing_and_end_bit_identical(stage, tmp_path, request):
-    script, prefix, keys, fixture = STAGES[stage]
+    script, prefix, keys, fixture = stage_case(stage)
     cfg = request.getfixturevalue(fixture)(tmp_path / "unused", keep_last_n=10)   # nothing cleaned up
     seed = int(os.environ.get("OMNI_FUZZ_SEED", random.randrange(10**6)))
     print(f"{stage}: OMNI_FUZZ_SEED={seed} OMNI_FUZZ_KILLS={KILLS}")

@@ -14,7 +14,8 @@ from omni.inspect import describe
 from omni.pipeline import StageRun, is_finished
 from omni.runtime import Runtime
 from omni.stages.text import TextConfig, TextStage
-from omni.training_utils import ResumeOptions, build_trainer, find_resume_checkpoint, train
+from omni.train.loop import ResumeOptions, build_trainer, train
+from omni.train.state import find_resume_checkpoint
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -51,7 +52,7 @@ def test_archive_every_keeps_slim_weights_of_dropped_multiples(runs):
     for step in (4, 8):
         arch = load_pt(ckpt.archive_path(archived.save_dir, "thinker", step))
         full = load_pt(ckpt.step_path(keep_all.save_dir, "thinker", step))   # the identical run's step file
-        assert ckpt.kind_of(arch) == "weights" and not set(arch) & ckpt.RESUME_KEYS
+        assert ckpt.kind_of(arch) == "weights" and not set(arch) & set(ckpt.RESUME_KEYS)
         assert arch["step"] == step and arch["config"]["archive_every"] == 4
         assert all(torch.equal(arch["model"][k], v) for k, v in full["model"].items())
         size = os.path.getsize(ckpt.archive_path(archived.save_dir, "thinker", step))
@@ -65,7 +66,8 @@ def test_archives_load_for_inspect_and_init_from_but_never_resume(runs, tmp_path
     assert info["format"] == "weights-only" and info["step"] == 8 and info["training_state"] == []
     trainer = build_trainer(TextStage(text_cfg(corpus, tmp_path / "init"), CPU), ResumeOptions(init_from=path))
     assert trainer.step == 0
-    assert all(torch.equal(v, load_pt(path)["model"][k]) for k, v in trainer.stage.modules["model"].state_dict().items())
+    saved = load_pt(path)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in trainer.stage.modules["model"].state_dict().items())
 
     for name in pt_files(archived.save_dir):       # leave only the archives
         if "_archive_" not in name:

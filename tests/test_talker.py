@@ -9,8 +9,9 @@ import torch
 
 from conftest import run_script, write_config
 from omni.codec import CodecArch, SpeechCodec
-from omni.talker import (Speaker, Talker, TalkerArch, load_speaker, normalize_text, text_to_ids,
-                         write_wav)
+from omni.generation import Speaker, write_wav
+from omni.loading import load_speaker
+from omni.talker import Talker, TalkerArch, normalize_text, text_to_ids
 
 K, NQ = 16, 2
 
@@ -33,7 +34,7 @@ def sharpen(model):
 
 def test_text_is_normalised_like_the_demo_world():
     assert normalize_text("  Hello, World!  Is it 42?") == "hello world is it 42"
-    assert normalize_text("what's up") == "what's up"     # B and D share omni/data/transcripts.py
+    assert normalize_text("what's up") == "what's up"     # B and D share omni/transcripts.py
     assert text_to_ids("ab z").tolist() == [2, 3, 1, 27]
     assert text_to_ids("?!").numel() == 0
 

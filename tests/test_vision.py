@@ -10,7 +10,8 @@ from conftest import load_pt, run_script, write_config
 from omni.config import UserError
 from omni.metrics import parse_probe_groups, retrieval_accuracy, retrieval_hits, swap_probes
 from omni.vision import (CLS, LOG_SCALE_MAX, PAD, UNK, CLIP, CaptionTokenizer, ViT, VisionArch, build_vocab,
-                         info_nce, load_clip, load_vision_encoder)
+                         info_nce)
+from omni.loading import load_clip, load_vision_encoder
 
 WEIGHT_KEYS = ["vit", "img_proj", "text_proj", "text_embed"]
 
@@ -118,9 +119,9 @@ def test_retrieval_accuracy_on_a_constructed_gallery():
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory, demo_tiny):
     folder = tmp_path_factory.mktemp("vision")
+    probes = ["shape=circle|square|triangle|star|diamond", "colour=red|green|blue|yellow|purple|orange"]
     cfg = vision_config(demo_tiny, folder / "run", max_steps=6, eval_interval=6, checkpoint_freq=6, decoder_layers=1,
-                        probe_groups=["shape=circle|square|triangle|star|diamond", "colour=red|green|blue|yellow|purple|orange"],
-                        probe_images=6)
+                        probe_groups=probes, probe_images=6)
     run_script("train_vision.py", "--config", write_config(folder / "cfg.json", cfg), check=True)
     return str(folder / "run")
 
@@ -239,7 +240,8 @@ def test_swap_probes_replace_one_occurrence_at_a_time():
     words = "a red circle left of a blue square".split()
     colour = swap_probes(words, groups["colour"])
     assert [c[0] for c in colour] == [words, words] and len(colour[0]) == 3
-    assert colour[0][1:] == ["a blue circle left of a blue square".split(), "a green circle left of a blue square".split()]
+    assert colour[0][1:] == ["a blue circle left of a blue square".split(),
+                             "a green circle left of a blue square".split()]
     assert colour[1][1] == "a red circle left of a red square".split()
     [relation] = swap_probes(words, groups["relation"])
     assert relation[1:] == ["a red circle above a blue square".split(), "a red circle right of a blue square".split()]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from omni.config import UserError
 
 
@@ -27,7 +25,7 @@ def require_files(cfg, files_by_key: dict[str, list[str]], rt=None) -> None:
     missing = [(key, p) for key, paths in files_by_key.items() for p in paths if not os.path.exists(p)]
     if missing and cfg.demo_dir and all(_inside(p, cfg.demo_dir) for _, p in missing):
         if rt is None or rt.is_main:
-            from omni.data.demo import ensure_demo_world
+            from omni.data.demo import ensure_demo_world  # optional: only a missing demo file needs the builder
             print(f"building the demo world in {cfg.demo_dir} (size {cfg.demo_size}) ...", flush=True)
             ensure_demo_world(cfg.demo_dir, cfg.demo_size)
         if rt is not None:
@@ -37,13 +35,3 @@ def require_files(cfg, files_by_key: dict[str, list[str]], rt=None) -> None:
         key, path = missing[0]
         raise DataError(f"config key '{key}': data file not found: {path}")
 
-
-def pad_stack(tensors, value=0.0):
-    """Stack tensors of shape [T_i, ...] into [B, T_max, ...] and a mask [B, T_max] (True = real)."""
-    longest = max(t.shape[0] for t in tensors)
-    out = tensors[0].new_full((len(tensors), longest, *tensors[0].shape[1:]), value)
-    mask = torch.zeros(len(tensors), longest, dtype=torch.bool)
-    for i, t in enumerate(tensors):
-        out[i, :t.shape[0]] = t
-        mask[i, :t.shape[0]] = True
-    return out, mask

@@ -252,7 +252,7 @@ class _Builder:
 
 def _progress(total: int, desc: str, enabled: bool):
     # stderr: stdout carries the CLI's JSON summary. A bar on a terminal, plain lines in a log.
-    from omni.logs import Progress
+    from omni.logs import Progress  # optional: keeps `python -m omni.data.demo` free of torch until a bar is drawn
     return Progress(total, desc, unit="clip", enabled=enabled, stream=sys.stderr)
 
 

@@ -295,7 +295,7 @@ def hf(source: str, out: str, args) -> Source:
     media = args.audio_column or args.image_column
     columns = [args.text_column] + ([media] if media else [])
     tables = hf_tables(source, out)
-    for label, path in tables:
+    for _, path in tables:
         names = hf_schema(path).names
         for column in columns:
             if column not in names:

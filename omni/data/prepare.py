@@ -73,7 +73,7 @@ def assign_split(item: layouts.Item, given: set, val_fraction: float, test_fract
 # ----------------------------------------------------------------------------- media checks
 def audio_seconds(path: str, full: bool) -> float:
     if full:
-        from omni.data.audio import read_audio  # torchaudio: only when decoding
+        from omni.data.audio import read_audio  # optional: torchaudio, only when decoding
         return read_audio(path, SAMPLE_RATE).numel() / SAMPLE_RATE
     try:
         info = sf.info(media_file(path))
@@ -86,7 +86,7 @@ def audio_seconds(path: str, full: bool) -> float:
 
 def check_image(path: str, full: bool) -> None:
     if full:
-        from omni.data.image import read_image
+        from omni.data.image import read_image  # optional: torch, only when decoding
         read_image(path, 8)     # decodes every pixel; the size hardly matters
         return
     try:

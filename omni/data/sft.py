@@ -1,7 +1,8 @@
 """SFT conversations, optionally with an image or a spoken question."""
 from __future__ import annotations
 
-from omni.data.audio import LogMel, MelSpec, read_audio
+from omni.data.audio import read_audio
+from omni.features import LogMel, MelSpec
 from omni.data.image import read_image
 from omni.data.manifest import ManifestDataset, SampleError, read_manifest
 

@@ -8,14 +8,17 @@ import torch.nn.functional as F
 
 from omni.audio_enc import ASR, AudioEncArch, ctc_greedy_decode
 from omni.config import TrainConfig
-from omni.data.audio import AudioTextDataset, MelSpec, spec_augment
-from omni.data.common import pad_stack, require_files
+from omni.data.audio import AudioTextDataset, spec_augment
+from omni.features import MelSpec
+from omni.data.common import require_files
+from omni.layers import pad_stack
 from omni.data.manifest import SampleError, read_manifest
 from omni.data.sampler import BucketedBatches
-from omni.data.transcripts import Charset, derive_charset
+from omni.transcripts import Charset, derive_charset
 from omni.metrics import error_counts
 from omni.logs import log
-from omni.stage import Stage
+from omni.registry import STAGES
+from omni.train.stage import Stage
 
 
 @dataclass
@@ -55,10 +58,8 @@ class SpeechDataset(AudioTextDataset):
 
 
 class AudioEncStage(Stage):
-    prefix = "audio_enc"
-    weight_keys = ("enc", "head")
+    spec = STAGES["B"]
     config_class = AudioEncConfig
-    make_command = "python train_audio_enc.py --config configs/audio_enc_tiny.json"
 
     def setup(self):
         cfg = self.cfg

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omni.config import TrainConfig, choice
+from omni.config import TrainConfig, choice, inherit, inherited
 from omni.data.image import RESIZE_MODES
 from omni.data.common import require_files
 from omni.data.manifest import read_manifest
 from omni.metrics import error_counts
 from omni.data.sft import SFTDataset, read_sft_manifest
-from omni.inference import load_omni_parts
+from omni.features import MelSpec
+from omni.loading import load_omni_parts
 from omni.omni_model import OmniModel, Projector
 from omni.logs import log
-from omni.stage import Stage
+from omni.registry import STAGES
+from omni.train.stage import Stage
 
 ASR_PROMPT = "what did you hear?"          # auxiliary task: write down the speech
 CAPTION_PROMPT = "describe the picture"    # auxiliary task: caption the image
@@ -33,7 +35,8 @@ class OmniSFTConfig(TrainConfig):
     freeze_encoders: bool = True
     freeze_thinker: bool = False
     audio_transcript: bool = False  # also write Stage B's CTC transcript of the audio into the prompt
-    image_size: int = 64
+    image_size: int = inherited()   # 0: the vision encoder's (vision_dir); saved filled in
+    n_mels: int = inherited()       # 0: the audio encoder's (audio_enc_dir); saved filled in
     image_resize: str = choice(*RESIZE_MODES)   # as the vision stage was trained (omni/data/image.py)
     qa_eval_limit: int = 0          # answers generated per split for accuracy; 0 = all
     max_answer_tokens: int = 16
@@ -83,10 +86,8 @@ def auxiliary_records(path: str, media: str, text: str, prompt: str, kind: str) 
 
 
 class OmniSFTStage(Stage):
-    prefix = "omni"
-    weight_keys = ("thinker", "proj_a", "proj_v")   # + "audio_enc", "vision" when they are trained
+    spec = STAGES["E"]       # + the optional keys "audio_enc", "vision" when they are trained
     config_class = OmniSFTConfig
-    make_command = "python sft_omni.py --config configs/omni_sft_tiny.json"
 
     def setup(self):
         cfg, rt = self.cfg, self.rt
@@ -99,6 +100,9 @@ class OmniSFTStage(Stage):
         require_files(cfg, manifests, rt)
         parts = load_omni_parts(cfg.thinker_dir, cfg.audio_enc_dir, cfg.vision_dir, rt.device)
         thinker, tokenizer, audio_enc, vision, reader = parts
+        # The media must reach the encoders as they were trained: the config takes their sizes.
+        inherit(cfg, "image_size", vision.image_size, cfg.vision_dir)
+        inherit(cfg, "n_mels", audio_enc.arch.n_mels, cfg.audio_enc_dir)
         d = thinker.arch.d_model
         self.model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d), Projector(vision.out_dim, d),
                                audio_enc, vision, reader.requires_grad_(False) if cfg.audio_transcript else None)
@@ -111,7 +115,8 @@ class OmniSFTStage(Stage):
                 self.modules[name] = enc
         thinker.requires_grad_(not cfg.freeze_thinker)
 
-        kw = {"image_size": cfg.image_size, "resize": cfg.image_resize, "strict": cfg.strict_data, "seed": cfg.seed}
+        kw = {"image_size": cfg.image_size, "spec": MelSpec(n_mels=cfg.n_mels), "resize": cfg.image_resize,
+              "strict": cfg.strict_data, "seed": cfg.seed}
         records = []
         if not self.evaluation_only:
             records = read_sft_manifest(cfg.train_manifest)

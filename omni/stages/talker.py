@@ -16,14 +16,20 @@ import torch
 from omni import checkpoint as ckpt
 from omni.codec import LOG_FLOOR, CodecArch, GriffinLimVocoder, SpeechCodec, usage_perplexity
 from omni.config import TrainConfig, UserError
-from omni.data.audio import AudioTextDataset, MelSpec
-from omni.data.common import pad_stack, require_files
+from omni.data.audio import AudioTextDataset
+from omni.features import MelSpec
+from omni.data.common import require_files
+from omni.layers import pad_stack
 from omni.data.manifest import SampleError, read_manifest
 from omni.data.sampler import BucketedBatches
-from omni.data.transcripts import derive_charset
-from omni.talker import Speaker, Talker, TalkerArch, text_to_ids
+from omni.transcripts import derive_charset
+from omni.generation import Speaker
+from omni.loading import load_asr
+from omni.metrics import cer
+from omni.talker import Talker, TalkerArch, text_to_ids
 from omni.logs import log
-from omni.stage import Stage
+from omni.registry import STAGES
+from omni.train.stage import Stage
 
 
 @dataclass
@@ -60,9 +66,8 @@ class SourcedDataset(AudioTextDataset):
 
 
 class TalkerStage(Stage):
-    prefix = "talker"
+    spec = STAGES["D"]
     config_class = TalkerConfig
-    make_command = "python train_talker.py --config configs/talker_tiny.json"
 
     def setup(self):
         cfg = self.cfg
@@ -72,7 +77,7 @@ class TalkerStage(Stage):
         if self.evaluation_only:
             files = {"val_manifest": files["val_manifest"]}
         require_files(cfg, files, self.rt)
-        self.spec = MelSpec(n_mels=cfg.n_mels)
+        self.mel_spec = MelSpec(n_mels=cfg.n_mels)
         train = None if self.evaluation_only else self.records(cfg.train_manifest, cfg.extra_train_manifest)
         if train is not None and not cfg.charset:
             # Saved in config.json and every checkpoint, so load_speaker rebuilds the same ids.
@@ -85,7 +90,7 @@ class TalkerStage(Stage):
         if train is not None:    # an evaluated checkpoint brings its frames_per_char buffer
             self.fit_to_training_data(codec, talker, train)
         self.modules = {"talker": talker, "rvq": codec}
-        self.vocoder = GriffinLimVocoder(self.spec, n_iter=cfg.griffin_lim_iters)
+        self.vocoder = GriffinLimVocoder(self.mel_spec, n_iter=cfg.griffin_lim_iters)
         self._asr, self._asr_noted, self._vocoder_cer = None, False, None
 
     def fit_to_training_data(self, codec: SpeechCodec, talker: Talker, records: list[dict]):
@@ -114,7 +119,7 @@ class TalkerStage(Stage):
         return records
 
     def dataset(self, records: list[dict]) -> SourcedDataset:
-        return SourcedDataset(records, self.charset, self.spec, self.cfg.max_seconds, seed=self.cfg.seed,
+        return SourcedDataset(records, self.charset, self.mel_spec, self.cfg.max_seconds, seed=self.cfg.seed,
                               strict=self.cfg.strict_data)
 
     def batch_plan(self):
@@ -189,9 +194,8 @@ class TalkerStage(Stage):
 
     def asr(self):
         """The Stage B recogniser, or None (with a one-time note) while there is none."""
-        if self._asr is None and ckpt.for_inference(self.cfg.asr_ckpt_dir, "audio_enc"):
+        if self._asr is None and ckpt.for_inference(self.cfg.asr_ckpt_dir, STAGES["B"].prefix):
             try:
-                from omni.audio_enc import load_asr
                 self._asr = load_asr(self.cfg.asr_ckpt_dir, self.rt.device)
             except (ImportError, UserError, OSError) as e:
                 self._note(f"cannot load the ASR model ({e})")
@@ -211,7 +215,6 @@ class TalkerStage(Stage):
         asr = self.asr()
         if asr is None:
             return {}
-        from omni.metrics import cer
         samples = [s for s in (self.val_data[(i, 0)] for i in range(min(self.cfg.eval_sentences, len(self.val_data))))
                    if s is not None]
         # Scored in the characters both models know (sample texts are in the Talker's set already).
@@ -229,6 +232,6 @@ class TalkerStage(Stage):
                      for i, s in enumerate(samples)]
             hyps = asr.transcribe(waves)
             out["cer"] = cer(refs, hyps)
-            out["seconds_spoken"] = sum(len(w) for w in waves) / self.spec.sample_rate
+            out["seconds_spoken"] = sum(len(w) for w in waves) / self.mel_spec.sample_rate
             log(self.rt, f"talker: said {refs[0]!r}, heard {hyps[0]!r}")
         return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
+from omni import checkpoint as ckpt
 from omni.config import TrainConfig, UserError, positive
 from omni.data.common import require_files
 from omni.data.shards import TOKENS_DIR, Lines, open_split
@@ -14,9 +15,10 @@ from omni.data.text import TokenWindows, perplexity
 from omni.thinker import Thinker, ThinkerArch
 from omni.tokenizer import Tokenizer
 from omni.logs import log
-from omni.stage import Stage
+from omni.registry import STAGES
+from omni.train.stage import Stage
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = ckpt.TOKENIZER_FILE
 
 
 @dataclass
@@ -53,9 +55,8 @@ def prepare_tokenizer(cfg, rt) -> Tokenizer:
 
 
 class TextStage(Stage):
-    prefix = "thinker"
+    spec = STAGES["A"]
     config_class = TextConfig
-    make_command = "python train_text.py --config configs/thinker_tiny.json"
     val_key = "val_file"
 
     def setup(self):

@@ -12,7 +12,8 @@ from omni.data.image import RESIZE_MODES, ImageCaptionDataset
 from omni.data.manifest import read_manifest
 from omni.metrics import parse_probe_groups, retrieval_hits, swap_probes
 from omni.logs import log
-from omni.stage import Stage, make_loader, to_device
+from omni.registry import STAGES
+from omni.train.stage import Stage, make_loader, to_device
 from omni.vision import CLIP, VisionArch, build_vocab, caption_words, info_nce
 
 
@@ -35,10 +36,8 @@ class VisionConfig(TrainConfig, VisionArch):
 
 
 class VisionStage(Stage):
-    prefix = "vision"
-    weight_keys = ("vit", "img_proj", "text_proj", "text_embed")
+    spec = STAGES["C"]
     config_class = VisionConfig
-    make_command = "python train_vision.py --config configs/vision_tiny.json"
 
     def setup(self):
         cfg = self.cfg
@@ -113,7 +112,8 @@ class VisionStage(Stage):
             if sample is None:
                 continue
             words = caption_words(sample["caption"])
-            probes = [(g, c) for g, options in enumerate(self.probe_groups.values()) for c in swap_probes(words, options)]
+            probes = [(g, candidates) for g, options in enumerate(self.probe_groups.values())
+                      for candidates in swap_probes(words, options)]
             if not probes:
                 continue
             captions = [" ".join(c) for _, candidates in probes for c in candidates]

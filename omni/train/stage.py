@@ -2,7 +2,7 @@
 loop and the stages share: batches to the device, bad samples dropped and reported, DataLoader
 workers that leave stop signals to the main process.
 
-A stage (omni/stages/*.py) subclasses `Stage`; the loop that runs it is omni/training_utils.py.
+A stage (omni/stages/*.py) subclasses `Stage`; the loop that runs it is omni/train/loop.py.
 """
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from torch.utils.data import DataLoader, default_collate
 from omni.config import TrainConfig
 from omni.data.manifest import SkippedSample
 from omni.data.sampler import ShuffledBatches
+from omni.registry import StageSpec
 from omni.runtime import Runtime
 
 
 class Stage:
-    """What one training stage supplies to the shared loop. Subclasses set the class attributes
-    and fill `modules`, `train_data` and `val_data` in `setup()`."""
-    prefix = "model"                 # checkpoint file prefix
-    weight_keys = ("model",)         # the keys of `modules` that inference needs
+    """What one training stage supplies to the shared loop. Subclasses set `spec` (their identity
+    in omni/registry.py: prefix, weight keys, command) and `config_class`, and fill `modules` (exactly
+    the spec's weight keys, plus any of its optional keys), `train_data` and `val_data` in `setup()`."""
+    spec: StageSpec                  # e.g. STAGES["A"]
     config_class = TrainConfig
-    make_command = ""                # the command that trains this stage (for error messages)
     val_key = "val_manifest"         # the config key of the validation data (omni.evaluate replaces it)
 
     def __init__(self, cfg, rt: Runtime, evaluation_only: bool = False):

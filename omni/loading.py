@@ -1,0 +1,205 @@
+"""Loading trained components for inference and for later stages, from any format the suite writes.
+
+This layer knows the paths (a stage folder's best, final or newest step file; an export folder),
+the formats (full, weights-only, legacy state_dict, model.safetensors) and the stages' identities
+(omni/registry.py); it never imports a stage. The model files build networks from configs and
+load nothing themselves.
+
+  load_thinker(dir, device) -> (Thinker, Tokenizer)               Stage A
+  load_asr(dir, device) -> ASR;  load_audio_encoder(dir, device)   Stage B
+  load_clip(dir, device) -> CLIP;  load_vision_encoder(dir, device) Stage C
+  load_speaker(dir, device) -> Speaker;  speak_to_file(...)         Stage D
+  load_omni(dir, device) -> (OmniModel, config);  load_omni_parts   Stage E and what it builds on
+  load_component(dir, spec) -> (weights by key, config, path)       any stage
+  checkpoint_in / read_checkpoint / stage_prefix_in / read_export / resolve_dir: finding and reading files
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from omni import checkpoint as ckpt
+from omni.audio_enc import ASR, AudioEncArch, AudioEncoder
+from omni.codec import CodecArch, GriffinLimVocoder, SpeechCodec
+from omni.config import UserError
+from omni.features import MelSpec
+from omni.generation import Speaker, write_wav
+from omni.omni_model import OmniModel, Projector
+from omni.registry import STAGES, StageSpec, prefixes
+from omni.talker import Talker, TalkerArch
+from omni.thinker import Thinker, ThinkerArch
+from omni.tokenizer import Tokenizer
+from omni.vision import CLIP, ViT, VisionArch
+
+
+# ----------------------------------------------------------------------------- files and formats
+def load_component(ckpt_dir: str, spec: StageSpec):
+    """(weights by key, config dict, path) of a stage's inference checkpoint in ckpt_dir; the
+    stage's optional weight keys are included where present."""
+    keys, optional = list(spec.weight_keys), spec.optional_keys
+    export = os.path.join(ckpt_dir, ckpt.EXPORT_FILE)
+    if os.path.isfile(export):
+        path, config = export, None
+        weights = ckpt.weights_of(read_export(export), keys, export, optional)
+    else:
+        path = ckpt.for_inference(ckpt_dir, spec.prefix)
+        if path is None:
+            raise UserError(f"no {spec.prefix} checkpoint (stage {spec.letter}) in {ckpt_dir}: "
+                            f"train one with `{spec.command}`")
+        obj = ckpt.load(path)
+        weights = ckpt.weights_of(obj, keys, path, optional)
+        config = obj.get("config") if ckpt.kind_of(obj) != "legacy" else None
+    if config is None:
+        config_path = os.path.join(ckpt_dir, "config.json")
+        if not os.path.isfile(config_path):
+            raise UserError(f"{path}: no config inside and no {config_path} beside it")
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    return weights, config, path
+
+
+def read_export(path: str) -> dict:
+    """The tensors of an exported model.safetensors, tied names restored (no pickle involved)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise ckpt.CheckpointError(f"{path}: unreadable export: {e}") from None
+    tensors.update({alias: tensors[name] for alias, name in aliases.items()})
+    return tensors
+
+
+def resolve_dir(base: str, path: str) -> str:
+    """A component folder named in a config: relative to the folder of that config when it exists
+    there (exports), else as given (relative to the working directory)."""
+    inside = os.path.join(base, path)
+    return inside if not os.path.isabs(path) and os.path.isdir(inside) else path
+
+
+def stage_prefix_in(folder: str) -> str | None:
+    """Which stage's model a folder holds: the prefix of its export, else of its first checkpoint."""
+    export = os.path.join(folder, ckpt.EXPORT_FILE)
+    if os.path.isfile(export):
+        from safetensors import safe_open
+        with safe_open(export, "pt") as f:
+            return (f.metadata() or {}).get("prefix")
+    return next((p for p in prefixes() if ckpt.for_inference(folder, p)), None)
+
+
+def checkpoint_in(path: str) -> tuple[str, str]:
+    """(checkpoint file, stage prefix) for a .pt file or a stage folder."""
+    if os.path.isdir(path):
+        for prefix in prefixes():
+            found = ckpt.for_inference(path, prefix)
+            if found:
+                return found, prefix
+        raise UserError(f"no checkpoint of any stage in {path}")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    name = os.path.basename(path)
+    for prefix in prefixes():
+        if name == f"{prefix}.pt" or name.startswith(f"{prefix}_"):
+            return path, prefix
+    return path, os.path.splitext(name)[0].split("_step_")[0].removesuffix("_best")
+
+
+def read_checkpoint(source: str) -> tuple[dict, dict, str, str]:
+    """(checkpoint object, config, file, stage prefix); the config from inside the checkpoint, else
+    from config.json beside it."""
+    path, prefix = checkpoint_in(source)
+    obj = ckpt.load(path)
+    config = obj.get("config") if ckpt.kind_of(obj) != "legacy" else None
+    config_path = os.path.join(os.path.dirname(path), "config.json")
+    if config is None and os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    if config is None:
+        raise UserError(f"{path}: no config inside and no config.json beside it")
+    return obj, config, path, prefix
+
+
+# ----------------------------------------------------------------------------- the stages' models
+def load_thinker(ckpt_dir: str, device) -> tuple[Thinker, Tokenizer]:
+    """The trained Thinker in eval mode and the tokenizer beside it."""
+    weights, config, _ = load_component(ckpt_dir, STAGES["A"])
+    model = Thinker(ThinkerArch.from_config(config))
+    model.load_state_dict(weights["model"])
+    return model.to(device).eval(), Tokenizer(os.path.join(ckpt_dir, ckpt.TOKENIZER_FILE))
+
+
+def load_clip(ckpt_dir: str, device="cpu") -> CLIP:
+    """The trained image and caption encoders in eval mode (any checkpoint format)."""
+    weights, config, _ = load_component(ckpt_dir, STAGES["C"])
+    model = CLIP(VisionArch.from_config(config))
+    if "caption_decoder" not in weights:    # an export may leave it out: the SFT stage needs the ViT only
+        model.caption_decoder = None
+    for key, module in model.parts().items():
+        module.load_state_dict(weights[key])
+    return model.to(device).eval()
+
+
+def load_vision_encoder(ckpt_dir: str, device="cpu") -> ViT:
+    """The trained ViT in eval mode: images [B,3,S,S] in [-1,1] -> tokens [B, 1+N, out_dim]."""
+    return load_clip(ckpt_dir, device).vit
+
+
+def load_asr(ckpt_dir: str, device="cpu") -> ASR:
+    """The trained encoder + CTC head in eval mode, ready for `transcribe`."""
+    weights, config, _ = load_component(ckpt_dir, STAGES["B"])
+    model = ASR(AudioEncArch.from_config(config))
+    model.enc.load_state_dict(weights["enc"])
+    model.head.load_state_dict(weights["head"])
+    return model.to(device).eval()
+
+
+def load_audio_encoder(ckpt_dir: str, device="cpu") -> AudioEncoder:
+    """The trained audio encoder in eval mode (any checkpoint format; config from the checkpoint)."""
+    return load_asr(ckpt_dir, device).enc
+
+
+def load_speaker(ckpt_dir: str, device="cpu") -> Speaker:
+    """A Speaker from a Stage D checkpoint folder (best, else final, else newest step file)."""
+    weights, config, _ = load_component(ckpt_dir, STAGES["D"])
+    codec = SpeechCodec(CodecArch.from_config(config))
+    codec.load_state_dict(weights["rvq"])
+    talker = Talker(TalkerArch.from_config(config), codec.arch.n_codebooks, codec.arch.codebook_size)
+    talker.load_state_dict(weights["talker"])
+    vocoder = GriffinLimVocoder(MelSpec(n_mels=codec.arch.n_mels), n_iter=config.get("griffin_lim_iters", 32))
+    return Speaker(talker.to(device).eval(), codec.to(device).eval(), vocoder)
+
+
+def speak_to_file(text: str, path: str, talker_dir: str, device="cpu", temperature: float = 0.0,
+                  seed: int = 0) -> float:
+    """Speak text into a WAV file with the Talker in talker_dir; returns the duration in seconds."""
+    speaker = load_speaker(talker_dir, device)
+    wave = speaker.speak(text, temperature=temperature, seed=seed)
+    write_wav(path, wave, speaker.sample_rate)
+    return len(wave) / speaker.sample_rate
+
+
+def load_omni_parts(thinker_dir: str, audio_enc_dir: str, vision_dir: str, device):
+    """(Thinker, tokenizer, audio encoder, vision encoder, CTC reader) from the folders of stages A,
+    B, C; the reader is Stage B's CTC head, for transcripts in the prompt."""
+    thinker, tokenizer = load_thinker(thinker_dir, device)
+    asr = load_asr(audio_enc_dir, device)
+    return thinker, tokenizer, asr.enc, load_vision_encoder(vision_dir, device), asr.reader()
+
+
+def load_omni(ckpt_dir: str, device):
+    """The Stage E model (Thinker, projectors, encoders) from a checkpoint or export folder, and
+    its config. The components come from the folders its config names (inside an export: its
+    subfolders); the Stage E weights replace the Thinker's."""
+    # The encoders' weights are in the checkpoint only when SFT trained them (freeze_encoders false).
+    spec = STAGES["E"]
+    weights, config, _ = load_component(ckpt_dir, spec)
+    dirs = [resolve_dir(ckpt_dir, config[key]) for key, _ in spec.components]
+    thinker, tokenizer, audio_enc, vision, reader = load_omni_parts(*dirs, device)
+    d = thinker.arch.d_model
+    model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d), Projector(vision.out_dim, d),
+                      audio_enc, vision, reader if config.get("audio_transcript") else None)
+    parts = model.parts()
+    for key, state in weights.items():
+        parts[key].load_state_dict(state)
+    return model.to(device).eval(), config

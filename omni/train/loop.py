@@ -1,0 +1,299 @@
+"""The one training loop every stage runs: build the trainer, then step, log, validate, save and
+stop until max_steps. See docs/training.md for the contract and docs/checkpoints.md for the files.
+
+`train_step` and `validate` are looked up in this module at call time, so tests/stage_runner.py
+can wrap them to inject faults without the loop carrying test hooks.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+
+from omni import checkpoint as ckpt
+from omni.config import UserError, config_dict
+from omni.data.sampler import ResumableBatchSampler, mix_seed
+from omni.logs import MetricsLog, Progress, log, summary_writer_class
+from omni.runtime import Runtime, setup_runtime, teardown
+from omni.train.optim import make_optimizer, make_scheduler
+from omni.train.stage import Stage, make_loader, to_device
+from omni.train.state import Trainer, find_resume_checkpoint
+
+
+@dataclass
+class ResumeOptions:
+    resume: bool = True
+    resume_step: int | None = None
+    init_from: str | None = None
+
+
+# ----------------------------------------------------------------------------- setup
+def check_weight_keys(stage: Stage) -> None:
+    """The stage's modules are exactly its registered weight keys, plus any of its optional keys:
+    what it saves is what the loaders and the tools expect (omni/registry.py)."""
+    spec, keys = stage.spec, set(stage.modules)
+    if not set(spec.weight_keys) <= keys <= set(spec.weight_keys) | set(spec.optional_keys):
+        raise RuntimeError(f"stage {spec.letter} ({spec.prefix}) built modules {sorted(keys)}; its spec declares "
+                           f"{list(spec.weight_keys)} + optional {list(spec.optional_keys)}")
+
+
+def build_trainer(stage: Stage, opts: ResumeOptions) -> Trainer:
+    """Set up the stage, the optimizer and the schedule, then load what the options ask for."""
+    cfg, rt = stage.cfg, stage.rt
+    torch.manual_seed(cfg.seed)     # the same initial weights on every rank and every fresh run
+    stage.setup()
+    check_weight_keys(stage)
+    for module in stage.modules.values():
+        module.to(rt.device)
+    rt.broadcast_parameters(stage.modules.values())
+    optimizer = make_optimizer(stage.parameters(), cfg)
+    scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype is torch.float16 else None
+    trainer = Trainer(stage, optimizer, make_scheduler(optimizer, cfg), scaler)
+    torch.manual_seed(mix_seed(cfg.seed, rt.rank, 1))   # dropout etc. differ between ranks
+    if opts.init_from:
+        trainer.load_weights(ckpt.load(opts.init_from), opts.init_from)
+        log(rt, f"initialised weights from {opts.init_from}; fresh optimizer at step 0")
+    elif opts.resume or opts.resume_step is not None:
+        found = find_resume_checkpoint(cfg.save_dir, stage.spec.prefix, opts.resume_step, rt,
+                                       include_best=cfg.checkpoint_freq == 0)
+        if found:
+            trainer.restore(found[1], found[0])
+            log(rt, f"resumed from {found[0]} at step {trainer.step}")
+    return trainer
+
+
+def train(stage_class, cfg, opts: ResumeOptions = ResumeOptions()) -> int:
+    """Train a stage to cfg.max_steps; returns the process exit status."""
+    if "tensorboard" in cfg.log_to:
+        summary_writer_class()      # a missing package stops the run before a long setup, not after
+    rt = setup_runtime(cfg)
+    try:
+        if rt.is_main:
+            ckpt.remove_stale_temps(cfg.save_dir)
+            os.makedirs(cfg.save_dir, exist_ok=True)
+        rt.barrier()
+        trainer = build_trainer(stage_class(cfg, rt), opts)
+        if rt.is_main:
+            ckpt.write_json(os.path.join(cfg.save_dir, "config.json"), config_dict(cfg))
+        return run_loop(trainer)
+    finally:
+        teardown(rt)
+
+
+# ----------------------------------------------------------------------------- one step, one validation
+def next_usable_batch(trainer: Trainer, batches, skipped: list):
+    """The next batch holding at least one good sample (its bad ones noted in `skipped`)."""
+    batch, bad = next(batches)
+    trainer.batches_taken += 1
+    skipped += bad
+    run = len(bad)
+    while batch is None:           # every sample of the batch was bad: take the next one
+        if run >= 2 * len(trainer.stage.train_data):    # two epochs' worth: there is no usable sample
+            raise UserError(f"no usable training sample in {run} tries (e.g. {bad[-1]})")
+        batch, bad = next(batches)
+        trainer.batches_taken += 1
+        skipped += bad
+        run += len(bad)
+    return batch
+
+
+def train_step(trainer: Trainer, batches) -> dict:
+    """One optimizer step over grad_accum_steps micro-batches; returns the averaged metrics."""
+    stage, cfg, rt = trainer.stage, trainer.cfg, trainer.stage.rt
+    sums, skipped = {}, []
+    for _ in range(cfg.grad_accum_steps):
+        batch = next_usable_batch(trainer, batches, skipped)
+        with rt.autocast():
+            loss, metrics = stage.loss(to_device(batch, rt.device))
+        scaled = loss / cfg.grad_accum_steps
+        (trainer.scaler.scale(scaled) if trainer.scaler else scaled).backward()
+        for key, value in {"loss": loss.item(), **metrics}.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    rt.average_gradients(params)
+    if trainer.scaler:
+        trainer.scaler.unscale_(trainer.optimizer)
+    if cfg.grad_clip > 0:
+        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) * cfg.grad_accum_steps
+    if trainer.scaler:
+        trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
+    else:
+        trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.scheduler.step()
+    trainer.step += 1
+    out = {k: v if k.startswith("n_") else v / cfg.grad_accum_steps for k, v in sums.items()}
+    out["skipped_samples"] = skipped
+    return out
+
+
+def validate(trainer: Trainer) -> dict:
+    stage = trainer.stage
+    for m in stage.modules.values():
+        m.eval()
+    with torch.no_grad():
+        metrics = stage.evaluate()
+    for m in stage.modules.values():
+        m.train()
+    # Validation runs in this process, so the datasets know every bad sample it met (each named once).
+    bad = [len(getattr(d, "bad_records", ())) for d in (stage.val_data, getattr(stage, "test_data", None))]
+    bad_val, bad_all = stage.rt.sum([float(bad[0]), float(sum(bad))])
+    if bad_all:
+        metrics["skipped_samples"] = int(bad_all)
+    if stage.val_data is not None and bad_val >= len(stage.val_data):   # nothing validated: no figure, no best
+        metrics["val_loss"] = float("nan")
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the loop
+def run_loop(trainer: Trainer) -> int:
+    """Step until max_steps: log the metric window, validate (keeping the best checkpoint), save
+    on the checkpoint grid, and stop cleanly on SIGTERM / Ctrl-C. Returns the exit status."""
+    stage, cfg, rt = trainer.stage, trainer.cfg, trainer.stage.rt
+    if trainer.step >= cfg.max_steps:
+        return already_trained(trainer)
+    metrics_log = MetricsLog(cfg.save_dir, trainer.step, rt.is_main, cfg.log_to)
+    sampler = ResumableBatchSampler(stage.batch_plan(), trainer.batches_taken, rt.rank, rt.world_size)
+    batches = iter(make_loader(stage.train_data, sampler, stage))
+    stop, window = StopSignals(), MetricsWindow()
+    progress = Progress(cfg.max_steps, stage.spec.prefix, initial=trainer.step, enabled=rt.is_main and cfg.progress)
+    for m in stage.modules.values():
+        m.train()
+    try:
+        while trainer.step < cfg.max_steps:
+            metrics = train_step(trainer, batches)
+            window.add(metrics)
+            progress.update(1, loss=f"{metrics['loss']:.4f}")
+            if due(trainer, cfg.log_interval):
+                metrics_log.write(window.record(trainer.step, trainer.scheduler.get_last_lr()[0]))
+            if due(trainer, cfg.eval_interval):
+                validate_and_keep_best(trainer, metrics_log)
+            stopping = stop_requested(stop, rt) and trainer.step < cfg.max_steps
+            save_step(trainer, stopping)
+            if stopping:
+                return stopped(trainer, stop.signum)
+    finally:
+        stop.restore()
+        progress.close()
+        metrics_log.close()
+        # On an error the traceback keeps the loader alive until exit, when multiprocessing would
+        # SIGTERM its workers, which ignore that signal (ignore_stop_signals): stop them now.
+        getattr(batches, "_shutdown_workers", lambda: None)()
+    return finished(trainer, window)
+
+
+def due(trainer: Trainer, interval: int) -> bool:
+    """Whether the step just taken is on the interval's grid (the last step always is)."""
+    return trainer.step % interval == 0 or trainer.step == trainer.cfg.max_steps
+
+
+class MetricsWindow:
+    """The training metrics summed since the last log record, and the run's bad samples."""
+
+    def __init__(self):
+        self.sums, self.start = {}, time.perf_counter()
+        self.skipped_total, self.skipped_examples = 0, []
+
+    def add(self, metrics: dict) -> None:
+        dropped = metrics.pop("skipped_samples")
+        self.skipped_total += len(dropped)
+        self.skipped_examples = list(dict.fromkeys(self.skipped_examples + dropped))[:3]
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.sums["steps"] = self.sums.get("steps", 0) + 1
+
+    def record(self, step: int, lr: float) -> dict:
+        """The train record of the window (then a new window starts)."""
+        out = summarize(self.sums, time.perf_counter() - self.start, step, lr, self.skipped_total)
+        self.sums, self.start = {}, time.perf_counter()
+        return out
+
+
+def summarize(window: dict, seconds: float, step: int, lr: float, skipped: int) -> dict:
+    steps = window.pop("steps")
+    record = {"step": step, "split": "train", "lr": lr, "skipped_samples": skipped,
+              "steps_per_s": steps / max(seconds, 1e-9)}
+    for key, value in window.items():
+        if key.startswith("n_"):    # counts become rates: n_tokens -> tokens_per_s
+            record[key[2:] + "_per_s"] = value / max(seconds, 1e-9)
+        else:
+            record[key] = value / steps
+    return record
+
+
+def validate_and_keep_best(trainer: Trainer, metrics_log: MetricsLog) -> None:
+    """Validate, record it, and save {prefix}_best.pt when val_loss improved."""
+    rt, prefix, step = trainer.stage.rt, trainer.stage.spec.prefix, trainer.step
+    val = validate(trainer)
+    metrics_log.write({"step": step, "split": "val", **val})
+    improved = val["val_loss"] < trainer.best_val_loss
+    log(rt, f"{prefix} step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in val.items())
+        + ("  (best)" if improved else ""))
+    if improved:
+        trainer.best_val_loss = val["val_loss"]
+        trainer.save(ckpt.best_path(trainer.cfg.save_dir, prefix))
+
+
+def save_step(trainer: Trainer, stopping: bool) -> None:
+    """A {prefix}_step_N.pt on the checkpoint grid, or when stopping (then nothing is lost, even with
+    checkpoint_freq 0), and the cleanup of old step files."""
+    cfg, prefix, step = trainer.cfg, trainer.stage.spec.prefix, trainer.step
+    if (cfg.checkpoint_freq > 0 and step % cfg.checkpoint_freq == 0) or stopping:
+        trainer.save(ckpt.step_path(cfg.save_dir, prefix, step))
+        if trainer.stage.rt.is_main:
+            ckpt.keep_last(cfg.save_dir, prefix, cfg.keep_last_n, cfg.archive_every)
+
+
+def already_trained(trainer: Trainer) -> int:
+    cfg, prefix = trainer.cfg, trainer.stage.spec.prefix
+    log(trainer.stage.rt, f"{prefix}: already trained to step {trainer.step} (max_steps={cfg.max_steps}); "
+                          "nothing to do")
+    final = ckpt.final_path(cfg.save_dir, prefix)
+    if not os.path.isfile(final):
+        trainer.save(final)
+    return 0
+
+
+def stopped(trainer: Trainer, signum: int) -> int:
+    log(trainer.stage.rt, f"{trainer.stage.spec.prefix}: stopped by {signal.Signals(signum).name} at step "
+                          f"{trainer.step}; checkpoint saved; run the same command again to resume")
+    return 128 + signum
+
+
+def finished(trainer: Trainer, window: MetricsWindow) -> int:
+    cfg, rt, prefix = trainer.cfg, trainer.stage.rt, trainer.stage.spec.prefix
+    trainer.save(ckpt.final_path(cfg.save_dir, prefix))
+    if window.skipped_total:
+        log(rt, f"{prefix}: skipped {window.skipped_total} bad samples, e.g. {'; '.join(window.skipped_examples)} "
+                "(set strict_data=true to stop on them)")
+    log(rt, f"{prefix}: finished {cfg.max_steps} steps; best val_loss {trainer.best_val_loss:.4f}; "
+            f"checkpoints in {cfg.save_dir}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- signals
+class StopSignals:
+    """SIGTERM / Ctrl-C ask the loop to save and exit at the end of the current step.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def stop_requested(stop: StopSignals, rt: Runtime) -> bool:
+    """Whether any rank received SIGTERM/SIGINT (all ranks must stop at the same step)."""
+    return rt.sum([float(stop.signum is not None)])[0] > 0

@@ -1,0 +1,27 @@
+"""The command line every trainer shares: `python train_X.py --config FILE [--set key=value ...]
+[--no-resume] [--resume_step N] [--init_from PATH]` (docs/design.md, command-line conventions)."""
+from __future__ import annotations
+
+import argparse
+
+from omni.cli import run_cli
+from omni.config import load_config
+from omni.train.loop import ResumeOptions, train
+
+
+def trainer_main(stage_class, argv=None) -> None:
+    """The command line every trainer shares (docs/design.md, command-line conventions)."""
+    parser = argparse.ArgumentParser(description=f"Train the {stage_class.spec.prefix} stage.")
+    parser.add_argument("--config", help="JSON config file (defaults to the built-in values)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable, type-checked)")
+    parser.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="start fresh even if save_dir holds checkpoints")
+    parser.add_argument("--resume_step", type=int, help="resume from {prefix}_step_N.pt")
+    parser.add_argument("--init_from", help="load weights only (any format); fresh optimizer at step 0")
+    args = parser.parse_args(argv)
+
+    def main():
+        cfg = load_config(stage_class.config_class, args.config, args.set)
+        return train(stage_class, cfg, ResumeOptions(args.resume, args.resume_step, args.init_from))
+    run_cli(main)

@@ -1,0 +1,106 @@
+"""The stage contract: each registered stage (omni/registry.py) is what its spec says. Its script
+trains its class, its default config exists, and every checkpoint it writes holds exactly its
+declared weight keys (the optional ones only when its config trains them)."""
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, load_pt, run_script, write_config
+from omni import checkpoint as ckpt
+from omni.registry import STAGES, by_prefix, letter_of, prefixes
+from omni.stages import stage_class
+from omni.train.loop import check_weight_keys
+
+
+@pytest.mark.parametrize("letter", sorted(STAGES))
+def test_the_registry_names_the_stage_its_script_trains(letter):
+    spec = STAGES[letter]
+    cls = stage_class(letter)
+    assert cls.__name__ == spec.cls and cls.spec is spec
+    assert os.path.isfile(os.path.join(ROOT, spec.config)), spec.config
+    tree = ast.parse(open(os.path.join(ROOT, spec.script), encoding="utf-8").read())
+    imported = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    called = {ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert (spec.module, spec.cls) in imported and f"trainer_main({spec.cls})" in called
+    assert spec.command == f"python {spec.script} --config {spec.config}"
+
+
+def test_reading_the_registry_imports_no_torch():
+    code = "import sys, omni.registry, omni.cli; print(sorted(m for m in sys.modules if m in ('torch', 'omni.stages')))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+def test_prefixes_and_keys_identify_one_stage_each():
+    assert len(set(prefixes())) == len(STAGES)
+    assert all(by_prefix(STAGES[letter].prefix).letter == letter == letter_of(STAGES[letter].prefix)
+               for letter in STAGES)
+    assert letter_of("nothing") == "?" and by_prefix("nothing") is None
+    for spec in STAGES.values():
+        assert not set(spec.weight_keys) & set(spec.optional_keys)
+        assert not set(spec.weight_keys) & ckpt.NON_WEIGHT_KEYS
+        assert {letter for _, letter in spec.components} <= STAGES.keys()
+
+
+def test_a_stage_whose_modules_differ_from_its_spec_is_refused():
+    class Wrong:
+        spec, modules = STAGES["D"], {"model": None}      # Stage D saves talker and rvq
+    with pytest.raises(RuntimeError, match=r"stage D \(talker\) built modules \['model'\]"):
+        check_weight_keys(Wrong())
+
+
+def weight_keys_in(path: str) -> set[str]:
+    return set(load_pt(path)) - ckpt.NON_WEIGHT_KEYS
+
+
+@pytest.mark.parametrize("letter", "ABCD")
+def test_a_trained_stage_saves_exactly_its_weight_keys(letter, trained_stages):
+    spec, save_dir = STAGES[letter], trained_stages[letter]["save_dir"]
+    for path in [ckpt.final_path(save_dir, spec.prefix), ckpt.best_path(save_dir, spec.prefix)]:
+        assert weight_keys_in(path) == set(spec.weight_keys), path
+
+
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen_encoders", "trained_encoders"])
+def test_stage_e_saves_its_encoders_only_when_it_trains_them(freeze, trained_stages, tmp_path):
+    spec = STAGES["E"]
+    cfg = {**trained_stages["E"], "save_dir": str(tmp_path / "omni"), "max_steps": 1, "eval_interval": 1,
+           "qa_eval_limit": 2, "freeze_encoders": freeze}
+    run_script(spec.script, "--config", write_config(tmp_path / "omni.json", cfg), check=True)
+    expected = set(spec.weight_keys) | (set() if freeze else set(spec.optional_keys))
+    assert weight_keys_in(ckpt.final_path(cfg["save_dir"], spec.prefix)) == expected
+
+
+# ----------------------------------------------------------------------------- Stage E inherits
+@pytest.fixture(scope="module")
+def small_encoders(trained_stages, demo_tiny, tmp_path_factory):
+    """Stage B with 40 mel bands and Stage C with 32-pixel images (defaults: 80, 64), two steps each."""
+    from test_audio_enc import audio_enc_config
+    from test_vision import vision_config
+    root = tmp_path_factory.mktemp("small_encoders")
+    for script, cfg in [("train_audio_enc.py", audio_enc_config(demo_tiny, root / "audio_enc", n_mels=40)),
+                        ("train_vision.py", vision_config(demo_tiny, root / "vision", image_size=32))]:
+        cfg.update(max_steps=2, eval_interval=2, checkpoint_freq=0)
+        run_script(script, "--config", write_config(root / f"{script}.json", cfg), check=True)
+    return {**trained_stages["E"], "audio_enc_dir": str(root / "audio_enc"), "vision_dir": str(root / "vision"),
+            "max_steps": 1, "eval_interval": 1, "qa_eval_limit": 2}
+
+
+def test_stage_e_takes_image_size_and_mels_from_the_encoders_it_loads(small_encoders, tmp_path):
+    cfg = {**small_encoders, "save_dir": str(tmp_path / "omni")}
+    run_script("sft_omni.py", "--config", write_config(tmp_path / "omni.json", cfg), check=True)
+    saved = load_pt(ckpt.final_path(cfg["save_dir"], "omni"))["config"]
+    assert (saved["image_size"], saved["n_mels"]) == (32, 40)
+
+
+@pytest.mark.parametrize("key, value, folder", [("image_size", 64, "vision_dir"), ("n_mels", 80, "audio_enc_dir")])
+def test_stage_e_refuses_a_size_its_encoder_was_not_trained_with(key, value, folder, small_encoders, tmp_path):
+    cfg = {**small_encoders, "save_dir": str(tmp_path / "omni"), key: value}
+    proc = run_script("sft_omni.py", "--config", write_config(tmp_path / "omni.json", cfg))
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: config key '{key}': {value} differs from ") and \
+        f"of the model in {small_encoders[folder]}" in lines[-1], proc.stderr
+    assert len([line for line in lines if line.startswith("error:") or "Traceback" in line]) == 1
