@@ -65,16 +65,19 @@ class OmniModel(nn.Module):
         return {key: module for key, module in parts.items() if module is not None}
 
     # ------------------------------------------------------------------ media
-    def encode_media(self, images: list, mels: list, grad_encoders: bool = False) -> list[Media]:
-        """Project each sample's image [3,H,W] and log-mel [T, n_mels] (None where absent)."""
+    def encode_media(self, images: list, mels: list, trained: tuple = ()) -> list[Media]:
+        """Project each sample's image [3,H,W] and log-mel [T, n_mels] (None where absent); the
+        encoders named in `trained` ("vision", "audio_enc") keep their gradients."""
         media = [Media() for _ in images]
-        with torch.set_grad_enabled(grad_encoders and torch.is_grad_enabled()):
-            has_img = [i for i, x in enumerate(images) if x is not None]
-            if has_img:
+        grad = torch.is_grad_enabled()
+        has_img = [i for i, x in enumerate(images) if x is not None]
+        if has_img:
+            with torch.set_grad_enabled(grad and "vision" in trained):
                 stacked = torch.stack([images[i] for i in has_img]).to(self.device)
                 feats = self._need(self.vision_encoder, "vision")(stacked)
-            has_aud = [i for i, x in enumerate(mels) if x is not None]
-            if has_aud:
+        has_aud = [i for i, x in enumerate(mels) if x is not None]
+        if has_aud:
+            with torch.set_grad_enabled(grad and "audio_enc" in trained):
                 mel, mask = pad_stack([mels[i] for i in has_aud])
                 hidden, hmask = self._need(self.audio_encoder, "audio")(mel.to(self.device), mask.to(self.device))
         if has_img:
@@ -130,9 +133,9 @@ class OmniModel(nn.Module):
         """[1, L, D]: everything up to and including <assistant>, ready for generation."""
         return torch.cat([self._ids([self.tok.bos_id])] + self._user_turn(question, media))[None]
 
-    def batch_loss(self, samples: list[dict], grad_encoders: bool = False) -> tuple[torch.Tensor, int]:
+    def batch_loss(self, samples: list[dict], trained: tuple = ()) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy over answer tokens of a batch of SFT samples, and their count."""
-        media = self.encode_media([s["image"] for s in samples], [s["mel"] for s in samples], grad_encoders)
+        media = self.encode_media([s["image"] for s in samples], [s["mel"] for s in samples], trained)
         seqs = [self.training_sequence(s["conversation"], m) for s, m in zip(samples, media)]
         longest = max(e.shape[0] for e, _ in seqs)
         if longest > self.thinker.arch.max_seq_len:

@@ -63,13 +63,15 @@ def test_a_trained_stage_saves_exactly_its_weight_keys(letter, trained_stages):
         assert weight_keys_in(path) == set(spec.weight_keys), path
 
 
-@pytest.mark.parametrize("freeze", [True, False], ids=["frozen_encoders", "trained_encoders"])
-def test_stage_e_saves_its_encoders_only_when_it_trains_them(freeze, trained_stages, tmp_path):
+@pytest.mark.parametrize("freeze, train_vision, trained", [(True, False, ()), (False, False, ("audio_enc", "vision")),
+                                                           (True, True, ("vision",))],
+                         ids=["frozen_encoders", "trained_encoders", "trained_vision"])
+def test_stage_e_saves_its_encoders_only_when_it_trains_them(freeze, train_vision, trained, trained_stages, tmp_path):
     spec = STAGES["E"]
     cfg = {**trained_stages["E"], "save_dir": str(tmp_path / "omni"), "max_steps": 1, "eval_interval": 1,
-           "qa_eval_limit": 2, "freeze_encoders": freeze}
+           "qa_eval_limit": 2, "freeze_encoders": freeze, "train_vision": train_vision}
     run_script(spec.script, "--config", write_config(tmp_path / "omni.json", cfg), check=True)
-    expected = set(spec.weight_keys) | (set() if freeze else set(spec.optional_keys))
+    expected = set(spec.weight_keys) | set(trained)
     assert weight_keys_in(ckpt.final_path(cfg["save_dir"], spec.prefix)) == expected
 
 

@@ -33,6 +33,7 @@ class OmniSFTConfig(TrainConfig):
     asr_manifest: str = ""          # optional auxiliary transcription task (audio, text)
     caption_manifest: str = ""      # optional auxiliary captioning task (image, caption)
     freeze_encoders: bool = True
+    train_vision: bool = False      # train the vision encoder even when freeze_encoders is true
     freeze_thinker: bool = False
     audio_transcript: bool = False  # also write Stage B's CTC transcript of the audio into the prompt
     image_size: int = inherited()   # 0: the vision encoder's (vision_dir); saved filled in
@@ -107,12 +108,14 @@ class OmniSFTStage(Stage):
         self.model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d), Projector(vision.out_dim, d),
                                audio_enc, vision, reader.requires_grad_(False) if cfg.audio_transcript else None)
         self.modules = {"thinker": thinker, "proj_a": self.model.proj_a, "proj_v": self.model.proj_v}
+        self.trained_encoders = tuple(name for name in ("audio_enc", "vision")
+                                      if not cfg.freeze_encoders or (name == "vision" and cfg.train_vision))
         for name, enc in (("audio_enc", audio_enc), ("vision", vision)):
-            enc.requires_grad_(not cfg.freeze_encoders)
-            if cfg.freeze_encoders:
-                enc.to(rt.device).eval()
-            else:
+            enc.requires_grad_(name in self.trained_encoders)
+            if name in self.trained_encoders:
                 self.modules[name] = enc
+            else:
+                enc.to(rt.device).eval()
         thinker.requires_grad_(not cfg.freeze_thinker)
 
         kw = {"image_size": cfg.image_size, "spec": MelSpec(n_mels=cfg.n_mels), "resize": cfg.image_resize,
@@ -129,13 +132,13 @@ class OmniSFTStage(Stage):
         self.test_data = SFTDataset(read_sft_manifest(cfg.test_manifest), **kw) if cfg.test_manifest else None
         trained = sum(p.numel() for p in self.parameters())
         log(rt, f"omni: {len(records)} training conversations, {len(self.val_data)} validation; "
-                f"{trained:,} trained parameters (encoders {'frozen' if cfg.freeze_encoders else 'trained'})")
+                f"{trained:,} trained parameters (trained encoders: {', '.join(self.trained_encoders) or 'none'})")
 
     def collate(self, samples):
         return samples        # sequences are built on the device, after the encoders run
 
     def loss(self, batch):
-        loss, n = self.model.batch_loss(batch, grad_encoders=not self.cfg.freeze_encoders)
+        loss, n = self.model.batch_loss(batch, self.trained_encoders)
         return loss, {"n_answer_tokens": n}
 
     def evaluate(self):
