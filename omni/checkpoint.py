@@ -4,6 +4,8 @@ The training core (omni/train/) decides *what* goes into a checkpoint and *when*
 module owns *how* files are written, found and read. Contract (docs/checkpoints.md):
 
   {prefix}_step_{N}.pt   every checkpoint_freq steps, newest keep_last_n kept (0: all)
+  {prefix}_step_{N}.dcp/ the same under parallel=fsdp: a torch.distributed.checkpoint folder,
+                         each rank writing its shards, committed by renaming its temporary name
   {prefix}_archive_{N}.pt  a dropped step file at a multiple of archive_every, weights only
                          (never resumed from; inference, inspect and --init_from load it)
   {prefix}_best.pt       lowest validation loss so far      (never cleaned up)
@@ -19,6 +21,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
 
@@ -63,15 +66,20 @@ def atomic_write(path: str, write) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_folder(folder)
     except OSError as e:
         reason = e.strerror or str(e) or type(e).__name__
         raise CheckpointError(f"cannot write {os.path.basename(path)} in {folder}: {reason}; the files already "
                               "there are untouched: free space and run the same command again") from None
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class _WriteErrors:
@@ -109,11 +117,19 @@ def write_json(path: str, data) -> None:
 
 
 def remove_stale_temps(folder: str) -> None:
-    """Delete temporary files left by a save that was killed before its rename."""
+    """Delete temporary files and folders left by a save that was killed before its rename."""
     if os.path.isdir(folder):
         for name in os.listdir(folder):
             if name.startswith(".") and name.endswith(".tmp"):
-                os.unlink(os.path.join(folder, name))
+                remove(os.path.join(folder, name))
+
+
+def remove(path: str) -> None:
+    """Delete a checkpoint file or folder."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 def load(path: str, map_location="cpu"):
@@ -132,8 +148,8 @@ def load(path: str, map_location="cpu"):
         raise CheckpointError(f"{path}: unreadable (truncated or corrupt): {first}") from None
 
 
-def step_path(save_dir: str, prefix: str, step: int) -> str:
-    return os.path.join(save_dir, f"{prefix}_step_{step}.pt")
+def step_path(save_dir: str, prefix: str, step: int, sharded: bool = False) -> str:
+    return os.path.join(save_dir, f"{prefix}_step_{step}.{'dcp' if sharded else 'pt'}")
 
 
 def best_path(save_dir: str, prefix: str) -> str:
@@ -145,8 +161,8 @@ def final_path(save_dir: str, prefix: str) -> str:
 
 
 def step_files(save_dir: str, prefix: str) -> list[tuple[int, str]]:
-    """(step, path) of every step checkpoint, oldest first."""
-    pattern = re.compile(rf"^{re.escape(prefix)}_step_(\d+)\.pt$")
+    """(step, path) of every step checkpoint, file or sharded folder, oldest first."""
+    pattern = re.compile(rf"^{re.escape(prefix)}_step_(\d+)\.(pt|dcp)$")
     if not os.path.isdir(save_dir):
         return []
     found = [(int(m.group(1)), os.path.join(save_dir, name))
@@ -177,9 +193,9 @@ def keep_last(save_dir: str, prefix: str, n: int, archive_every: int = 0) -> lis
     for step, path in removed:
         # The archive is written (atomically) before the step file goes: a crash in between
         # leaves both, and the next cleanup archives it again.
-        if archive_every and step % archive_every == 0:
-            archive(save_dir, prefix, step, path)
-        os.unlink(path)
+        if archive_every and step % archive_every == 0 and not os.path.isdir(path):
+            archive(save_dir, prefix, step, path)      # a sharded step wrote its archive when saved
+        remove(path)
     return [path for _, path in removed]
 
 
@@ -230,8 +246,8 @@ def for_inference(save_dir: str, prefix: str) -> str | None:
     for path in (best_path(save_dir, prefix), final_path(save_dir, prefix)):
         if os.path.isfile(path):
             return path
-    steps = step_files(save_dir, prefix)
-    return steps[-1][1] if steps else None
+    steps = [path for _, path in step_files(save_dir, prefix) if os.path.isfile(path)]
+    return steps[-1] if steps else None
 
 
 def read_training_state(save_dir: str) -> dict:

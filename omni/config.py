@@ -85,6 +85,8 @@ class TrainConfig:
     demo_dir: str = ""                 # data files missing under this folder -> build the demo world
     demo_size: str = choice("small", "tiny", "medium")
     progress: bool = True              # tqdm bar on a terminal, else a plain line every 10 % / 30 s
+    parallel: str = choice("ddp", "fsdp")   # under torchrun: DistributedDataParallel, or FSDP2 sharding
+                                            # (stages A and E) with sharded step folders
 
     def __post_init__(self):
         for key in ("adam_beta1", "adam_beta2"):

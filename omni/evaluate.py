@@ -36,6 +36,7 @@ from omni.registry import letter_of, prefixes
 from omni.stages import stage_class
 from omni.cli import run_cli
 from omni.train.loop import ResumeOptions, build_trainer, validate
+from omni.train.state import load_weights
 
 FORMATS = {"full": "full", "weights": "weights-only", "legacy": "legacy"}
 
@@ -110,7 +111,7 @@ def evaluate(target: str, manifest: str | None = None, overrides=()) -> dict:
             # The stage's notes are progress, not results: stdout carries only the record.
             with contextlib.redirect_stdout(sys.stderr):
                 trainer = build_trainer(stage_cls(cfg, rt, evaluation_only=True), ResumeOptions(resume=False))
-                trainer.load_weights(source.weights, source.path)
+                load_weights(trainer.stage, source.weights, source.path)
                 metrics = validate(trainer)
         finally:
             teardown(rt)

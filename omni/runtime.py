@@ -1,10 +1,8 @@
 """Where training runs: device, torchrun ranks, AMP, and RNG state capture.
 
 Started by `torchrun`, the environment holds WORLD_SIZE/RANK/LOCAL_RANK and every process joins
-one process group (NCCL on CUDA, Gloo on CPU). Gradients are averaged by one flat all-reduce
-per optimizer step, which works for any set of modules a stage trains, including frozen parts
-and modules used only on some steps; this replaces DistributedDataParallel's hooks at a small
-speed cost that tiny models do not notice.
+one process group (NCCL on CUDA, Gloo on CPU). How the modules are wrapped for several ranks
+(DistributedDataParallel or FSDP2) is omni/train/parallel.py.
 """
 from __future__ import annotations
 
@@ -51,17 +49,13 @@ class Runtime:
         dist.all_reduce(t)
         return t.tolist()
 
-    def average_gradients(self, params: list[torch.nn.Parameter]):
+    def largest(self, value: int) -> int:
+        """The largest of one integer over all ranks."""
         if not self.distributed:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
-            offset += g.numel()
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def broadcast_parameters(self, modules):
         """Make every rank start from rank 0's weights."""
@@ -83,9 +77,12 @@ class Runtime:
         dist.all_gather_object(states, state)
         return states
 
-    def restore_rng(self, states: list[dict]) -> bool:
-        """Restore this rank's RNG state; False if the checkpoint came from another world size."""
+    def restore_rng(self, states: list[dict], reseed: int) -> bool:
+        """Restore this rank's RNG state; from a checkpoint of another world size, whose states do
+        not map onto these ranks, seed this rank's generators with `reseed` and return False."""
         if len(states) != self.world_size:
+            torch.manual_seed(reseed)
+            random.seed(reseed)
             return False
         state = states[self.rank]
         torch.set_rng_state(state["torch"].cpu())

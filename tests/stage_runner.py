@@ -14,12 +14,16 @@ Environment variables (test-only; the trainers themselves have no such hooks):
   OMNI_TEST_KILL_IN_SAVE=N     SIGKILL this process halfway through writing the step-N checkpoint
   OMNI_TEST_ENOSPC_IN_SAVE=N   the disk fills up 4 KiB into the step-N checkpoint: its writes
                                raise OSError(ENOSPC), as a full filesystem's would
+  OMNI_TEST_ONLY_RANK=R        under torchrun, inject the faults above into rank R only
+  OMNI_TEST_LOG_BATCHES=PATH   append every training batch's sample indices this rank draws to
+                               PATH.rank{RANK}, one JSON list a line
 
 `run_forked(script, args, env)` runs the same thing in a fork of the calling process, which has
 imported torch and the stages already: the kill fuzz (test_resume_fuzz.py) starts a trainer
 hundreds of times and would otherwise spend most of its time importing.
 """
 import errno
+import json
 import multiprocessing
 import os
 import runpy
@@ -33,12 +37,16 @@ sys.path.insert(0, ROOT)
 import omni.checkpoint as ckpt  # noqa: E402
 import omni.train.loop as loop  # noqa: E402
 
-real_train_step, real_validate = loop.train_step, loop.validate
+real_train_step, real_validate, RealSampler = loop.train_step, loop.validate, loop.ResumableBatchSampler
 real_save, real_atomic_write = ckpt.save, ckpt.atomic_write
 
 
 def install_faults(env) -> None:
     """Patch the core with the faults that `env` (a dict like os.environ) asks for."""
+    if env.get("OMNI_TEST_LOG_BATCHES"):
+        log_batches(f"{env['OMNI_TEST_LOG_BATCHES']}.rank{env.get('RANK', '0')}")
+    if env.get("OMNI_TEST_ONLY_RANK", env.get("RANK", "0")) != env.get("RANK", "0"):
+        return
     number = lambda name: int(env.get(name, "-1"))    # noqa: E731
     kill_at, term_at, term_all = number("OMNI_TEST_KILL_AT_STEP"), number("OMNI_TEST_SIGTERM_AT_STEP"), \
         env.get("OMNI_TEST_SIGTERM_ALL") == "1"
@@ -79,6 +87,16 @@ def install_faults(env) -> None:
         return real_atomic_write(path, write)
 
     loop.train_step, loop.validate, ckpt.save, ckpt.atomic_write = train_step, validate, save, atomic_write
+
+
+def log_batches(path: str) -> None:
+    class LoggedSampler(RealSampler):
+        def __iter__(self):
+            for batch in super().__iter__():
+                with open(path, "a") as f:
+                    f.write(json.dumps([i for i, _ in batch]) + "\n")
+                yield batch
+    loop.ResumableBatchSampler = LoggedSampler
 
 
 class FullDisk:

@@ -1,6 +1,7 @@
 """The checkpoint contract: atomic saves, safe loads, fallback past bad files, cleanup, formats."""
 import json
 import os
+import pickle
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def test_keep_last_n_leaves_n_step_files_plus_best_and_final(trained):
     assert {"model", "optimizer", "scheduler", "step", "best_val_loss", "rng", "data_state", "config",
             "format_version"} <= set(full)
     assert "scaler" not in full            # only with fp16 AMP
-    assert full["data_state"]["batches"] == 12 and full["config"]["d_model"] == 32
+    assert full["data_state"]["samples"] == 12 * full["config"]["batch_size"] and full["config"]["d_model"] == 32
 
 
 def test_failed_writer_leaves_previous_file_whole(tmp_path, monkeypatch):
@@ -162,3 +163,20 @@ def test_resume_cost_does_not_grow_with_the_step(trained, tmp_path, corpus, monk
         assert train(TextStage, cfg, ResumeOptions(resume_step=start)) == 0
         counts[start] = len(loads)
     assert counts[10 * s] <= counts[s] == 2 * cfg.batch_size
+
+
+def test_parallel_fsdp_on_one_rank_writes_step_folders_whose_index_cannot_run_code(tmp_path, corpus):
+    """parallel=fsdp checkpoints steps as DCP folders on any number of ranks. Their index is a pickle:
+    one naming anything but DCP's own classes is refused, and the run resumes from the folder before."""
+    cfg = text_cfg(corpus, tmp_path / "run", parallel="fsdp", max_steps=6, checkpoint_freq=3)
+    assert train(TextStage, cfg) == 0
+    assert {"thinker_step_3.dcp", "thinker_step_6.dcp", "thinker.pt"} <= set(os.listdir(cfg.save_dir))
+    assert "optimizer" not in load_pt(os.path.join(cfg.save_dir, "thinker.pt"))    # weights, for inference
+    global EXPLOIT_MARKER
+    EXPLOIT_MARKER = str(tmp_path / "pwned")
+    with open(os.path.join(cfg.save_dir, "thinker_step_6.dcp", ".metadata"), "wb") as f:
+        pickle.dump(Exploit(), f)
+    resumed = text_cfg(corpus, cfg.save_dir, parallel="fsdp", max_steps=7)
+    trainer = build_trainer(TextStage(resumed, Runtime(torch.device("cpu"))), ResumeOptions())
+    assert trainer.step == 3 and not os.path.exists(EXPLOIT_MARKER)
+

@@ -111,7 +111,7 @@ def test_unchanged_config_restores_the_very_same_lr(six_steps, tmp_path, corpus)
 def test_grad_accum_change_keeps_the_data_position(six_steps, tmp_path, corpus, capsys):
     trainer = build_trainer(TextStage(text_cfg(corpus, copy_run(six_steps, tmp_path), grad_accum_steps=2), CPU),
                             ResumeOptions())
-    assert trainer.step == 6 and trainer.batches_taken == 6
+    assert trainer.step == 6 and trainer.start_batch == 6
     assert "grad_accum_steps 1 -> 2" in capsys.readouterr().out
 
 

@@ -69,22 +69,22 @@ class BucketedBatches(ShuffledBatches):
 
 
 class ResumableBatchSampler:
-    """Endless batches of `(index, epoch)` keys for one rank, starting after `start` batches.
+    """Endless batches of `(index, epoch)` keys for one rank, from global batch `start` on.
 
-    Position p (batches this rank has taken) lies in epoch p // per_rank at offset p % per_rank,
-    where per_rank = batches_per_epoch // world_size; rank r takes batch k*world_size + r.
+    The epochs' batches form one global stream; global batch g is row g % batches_per_epoch of
+    epoch g // batches_per_epoch. The ranks take turns: rank r takes g = start + k*world_size + r.
+    A checkpoint records how many global batches were taken, so a run resumed on any number of
+    ranks continues the same stream: no sample is skipped or seen twice.
     """
 
     def __init__(self, plan, start: int = 0, rank: int = 0, world_size: int = 1):
         self.plan, self.start, self.rank, self.world = plan, start, rank, world_size
-        self.per_rank = plan.batches_per_epoch // world_size
-        if self.per_rank == 0:
-            raise UserError(f"an epoch has {plan.batches_per_epoch} batches, fewer than {world_size} ranks")
 
     def __iter__(self):
-        epoch, offset = divmod(self.start, self.per_rank)
+        per_epoch, g = self.plan.batches_per_epoch, self.start + self.rank
+        epoch, batches = g // per_epoch, self.plan.epoch(g // per_epoch)
         while True:
-            batches = self.plan.epoch(epoch)
-            for k in range(offset, self.per_rank):
-                yield [(i, epoch) for i in batches[k * self.world + self.rank].tolist()]
-            epoch, offset = epoch + 1, 0
+            if g // per_epoch != epoch:
+                epoch, batches = g // per_epoch, self.plan.epoch(g // per_epoch)
+            yield [(i, epoch) for i in batches[g % per_epoch].tolist()]
+            g += self.world

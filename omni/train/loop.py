@@ -6,6 +6,7 @@ can wrap them to inject faults without the loop carrying test hooks.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -20,7 +21,8 @@ from omni.logs import MetricsLog, Progress, log, summary_writer_class
 from omni.runtime import Runtime, setup_runtime, teardown
 from omni.train.optim import make_optimizer, make_scheduler
 from omni.train.stage import Stage, make_loader, to_device
-from omni.train.state import Trainer, find_resume_checkpoint
+from omni.train.parallel import parallelize
+from omni.train.state import Trainer, find_resume_checkpoint, load_weights
 
 
 @dataclass
@@ -41,7 +43,8 @@ def check_weight_keys(stage: Stage) -> None:
 
 
 def build_trainer(stage: Stage, opts: ResumeOptions) -> Trainer:
-    """Set up the stage, the optimizer and the schedule, then load what the options ask for."""
+    """Set up the stage, wrap it for its ranks, build the optimizer and the schedule, then load
+    what the options ask for."""
     cfg, rt = stage.cfg, stage.rt
     torch.manual_seed(cfg.seed)     # the same initial weights on every rank and every fresh run
     stage.setup()
@@ -49,14 +52,15 @@ def build_trainer(stage: Stage, opts: ResumeOptions) -> Trainer:
     for module in stage.modules.values():
         module.to(rt.device)
     rt.broadcast_parameters(stage.modules.values())
+    if opts.init_from:
+        load_weights(stage, ckpt.load(opts.init_from), opts.init_from)
+        log(rt, f"initialised weights from {opts.init_from}; fresh optimizer at step 0")
+    parallel = parallelize(stage, cfg.parallel, rt.world_size)     # FSDP shards the modules in place
     optimizer = make_optimizer(stage.parameters(), cfg)
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype is torch.float16 else None
-    trainer = Trainer(stage, optimizer, make_scheduler(optimizer, cfg), scaler)
+    trainer = Trainer(stage, parallel, optimizer, make_scheduler(optimizer, cfg), scaler)
     torch.manual_seed(mix_seed(cfg.seed, rt.rank, 1))   # dropout etc. differ between ranks
-    if opts.init_from:
-        trainer.load_weights(ckpt.load(opts.init_from), opts.init_from)
-        log(rt, f"initialised weights from {opts.init_from}; fresh optimizer at step 0")
-    elif opts.resume or opts.resume_step is not None:
+    if not opts.init_from and (opts.resume or opts.resume_step is not None):
         found = find_resume_checkpoint(cfg.save_dir, stage.spec.prefix, opts.resume_step, rt,
                                        include_best=cfg.checkpoint_freq == 0)
         if found:
@@ -102,22 +106,25 @@ def next_usable_batch(trainer: Trainer, batches, skipped: list):
 
 def train_step(trainer: Trainer, batches) -> dict:
     """One optimizer step over grad_accum_steps micro-batches; returns the averaged metrics."""
-    stage, cfg, rt = trainer.stage, trainer.cfg, trainer.stage.rt
+    cfg, rt, parallel = trainer.cfg, trainer.stage.rt, trainer.parallel
     sums, skipped = {}, []
-    for _ in range(cfg.grad_accum_steps):
+    for i in range(cfg.grad_accum_steps):
         batch = next_usable_batch(trainer, batches, skipped)
-        with rt.autocast():
-            loss, metrics = stage.loss(to_device(batch, rt.device))
-        scaled = loss / cfg.grad_accum_steps
-        (trainer.scaler.scale(scaled) if trainer.scaler else scaled).backward()
+        # gradients are reduced over the ranks once, in the backward of the step's last micro-batch
+        with parallel.accumulating() if i < cfg.grad_accum_steps - 1 else contextlib.nullcontext():
+            with rt.autocast():
+                loss, metrics = parallel.loss(to_device(batch, rt.device))
+            scaled = loss / cfg.grad_accum_steps
+            (trainer.scaler.scale(scaled) if trainer.scaler else scaled).backward()
         for key, value in {"loss": loss.item(), **metrics}.items():
             sums[key] = sums.get(key, 0.0) + float(value)
-    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
-    rt.average_gradients(params)
+    params = trainer.stage.parameters()
     if trainer.scaler:
         trainer.scaler.unscale_(trainer.optimizer)
     if cfg.grad_clip > 0:
-        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) * cfg.grad_accum_steps
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm    # FSDP: a sharded norm
+        sums["grad_norm"] = float(norm) * cfg.grad_accum_steps
     if trainer.scaler:
         trainer.scaler.step(trainer.optimizer)
         trainer.scaler.update()
@@ -135,7 +142,7 @@ def validate(trainer: Trainer) -> dict:
     stage = trainer.stage
     for m in stage.modules.values():
         m.eval()
-    with torch.no_grad():
+    with torch.no_grad(), trainer.parallel.evaluating():
         metrics = stage.evaluate()
     for m in stage.modules.values():
         m.train()
@@ -157,7 +164,7 @@ def run_loop(trainer: Trainer) -> int:
     if trainer.step >= cfg.max_steps:
         return already_trained(trainer)
     metrics_log = MetricsLog(cfg.save_dir, trainer.step, rt.is_main, cfg.log_to)
-    sampler = ResumableBatchSampler(stage.batch_plan(), trainer.batches_taken, rt.rank, rt.world_size)
+    sampler = ResumableBatchSampler(stage.batch_plan(), trainer.start_batch, rt.rank, rt.world_size)
     batches = iter(make_loader(stage.train_data, sampler, stage))
     stop, window = StopSignals(), MetricsWindow()
     progress = Progress(cfg.max_steps, stage.spec.prefix, initial=trainer.step, enabled=rt.is_main and cfg.progress)
@@ -241,9 +248,15 @@ def validate_and_keep_best(trainer: Trainer, metrics_log: MetricsLog) -> None:
 def save_step(trainer: Trainer, stopping: bool) -> None:
     """A {prefix}_step_N.pt on the checkpoint grid, or when stopping (then nothing is lost, even with
     checkpoint_freq 0), and the cleanup of old step files."""
-    cfg, prefix, step = trainer.cfg, trainer.stage.spec.prefix, trainer.step
-    if (cfg.checkpoint_freq > 0 and step % cfg.checkpoint_freq == 0) or stopping:
-        trainer.save(ckpt.step_path(cfg.save_dir, prefix, step))
+    cfg, prefix, step, folders = trainer.cfg, trainer.stage.spec.prefix, trainer.step, trainer.parallel.folders
+    # parallel=fsdp resumes from step folders only (its final file holds weights): it saves its last step too.
+    if (cfg.checkpoint_freq > 0 and step % cfg.checkpoint_freq == 0) or stopping or \
+            (folders and step == cfg.max_steps):
+        trainer.save(ckpt.step_path(cfg.save_dir, prefix, step, folders))
+        if folders and cfg.archive_every and step % cfg.archive_every == 0:
+            weights = trainer.payload()          # parallel=fsdp's single files hold weights only
+            if trainer.stage.rt.is_main:
+                ckpt.save(ckpt.archive_path(cfg.save_dir, prefix, step), weights)
         if trainer.stage.rt.is_main:
             ckpt.keep_last(cfg.save_dir, prefix, cfg.keep_last_n, cfg.archive_every)
 

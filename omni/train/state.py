@@ -15,9 +15,12 @@ import torch
 from omni import checkpoint as ckpt
 from omni import resume_policy
 from omni.config import config_dict
+from omni.data.sampler import mix_seed
 from omni.logs import log
 from omni.runtime import Runtime
+from omni.train import sharded
 from omni.train.optim import rebuild_schedule
+from omni.train.parallel import Parallel
 from omni.train.stage import Stage
 
 
@@ -25,83 +28,120 @@ from omni.train.stage import Stage
 class Trainer:
     """Everything a checkpoint holds, and the files it goes to."""
     stage: Stage
+    parallel: Parallel
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler | None
     step: int = 0
     best_val_loss: float = float("inf")
-    batches_taken: int = 0              # per-rank batches drawn from the sampler so far
+    start_batch: int = 0                # global batches taken before this process started (resume)
+    batches_taken: int = 0              # batches this rank has drawn since
 
     @property
     def cfg(self):
         return self.stage.cfg
 
-    def payload(self, full: bool = True) -> dict:
-        """The checkpoint dictionary (a collective call under torchrun: RNG states are gathered)."""
-        out = {key: m.state_dict() for key, m in self.stage.modules.items()}
-        out.update({ckpt.STEP: self.step, ckpt.BEST_VAL_LOSS: self.best_val_loss,
-                    ckpt.CONFIG: config_dict(self.cfg), ckpt.VERSION: ckpt.FORMAT_VERSION})
-        if full:
-            out.update({ckpt.OPTIMIZER: self.optimizer.state_dict(), ckpt.SCHEDULER: self.scheduler.state_dict(),
-                        ckpt.RNG: self.stage.rt.gather_rng(),
-                        ckpt.DATA_STATE: {"batches": self.batches_taken, "batch_size": self.cfg.batch_size,
-                                          "world_size": self.stage.rt.world_size}})
-            if self.scaler is not None:
-                out[ckpt.SCALER] = self.scaler.state_dict()
+    def state(self) -> dict:
+        """Step, best loss, config and, to resume, the schedule, scaler, every rank's RNG and the data
+        position (collective calls under torchrun)."""
+        rt = self.stage.rt
+        # Every rank draws from its own lane of the global stream; a rank that met a wholly bad batch
+        # drew one more, and the stream goes on after the furthest lane: nothing is seen twice.
+        taken = self.start_batch + rt.largest(self.batches_taken) * rt.world_size
+        out = {ckpt.STEP: self.step, ckpt.BEST_VAL_LOSS: self.best_val_loss, ckpt.CONFIG: config_dict(self.cfg),
+               ckpt.VERSION: ckpt.FORMAT_VERSION, ckpt.SCHEDULER: self.scheduler.state_dict(),
+               ckpt.RNG: rt.gather_rng(), ckpt.DATA_STATE: {"samples": taken * self.cfg.batch_size,
+                                                            "batch_size": self.cfg.batch_size,
+                                                            "world_size": rt.world_size}}
+        if self.scaler is not None:
+            out[ckpt.SCALER] = self.scaler.state_dict()
         return out
 
+    def payload(self, full: bool = True) -> dict:
+        """The checkpoint dictionary (a collective call under torchrun). Sharded runs write weights
+        only into a single file (their step folders hold the rest)."""
+        if self.parallel.folders:
+            return {**sharded.full_weights(self.parallel.root, self.stage.modules),
+                    **{k: v for k, v in self.state().items() if k not in ckpt.RESUME_KEYS}}
+        out = {key: m.state_dict() for key, m in self.stage.modules.items()}
+        if full:
+            return {**out, **self.state(), ckpt.OPTIMIZER: self.optimizer.state_dict()}
+        return {**out, **{k: v for k, v in self.state().items() if k not in ckpt.RESUME_KEYS}}
+
     def save(self, path: str) -> None:
-        payload = self.payload()
-        if self.stage.rt.is_main:
-            ckpt.save(path, payload)
+        rt = self.stage.rt
+        if path.endswith(".dcp"):
+            sharded.save_folder(path, self.parallel.root, self.optimizer, self.state(), rt)
+        else:
+            payload = self.payload()
+            if rt.is_main:
+                ckpt.save(path, payload)
+        if rt.is_main:
             self.write_state(os.path.basename(path))
-        self.stage.rt.barrier()
+        rt.barrier()
 
     def write_state(self, latest: str) -> None:
         ckpt.write_json(os.path.join(self.cfg.save_dir, ckpt.TRAINING_STATE), {
             "step": self.step, "best_val_loss": _json_float(self.best_val_loss), "latest": latest,
             "max_steps": self.cfg.max_steps, "finished": self.step >= self.cfg.max_steps})
 
-    def load_weights(self, obj, source: str) -> None:
-        keys = list(self.stage.modules)
-        if ckpt.kind_of(obj) != "legacy" and not set(keys) <= set(obj):
-            theirs = sorted(k for k in obj if k not in ckpt.NON_WEIGHT_KEYS)
-            raise ckpt.CheckpointError(f"{source}: not a {self.stage.spec.prefix} checkpoint: it holds weights "
-                                       f"{theirs}, this stage needs {keys}")
-        for key, sd in ckpt.weights_of(obj, keys, source).items():
-            try:
-                self.stage.modules[key].load_state_dict(sd)
-            except RuntimeError as e:
-                # the first line only names the module; the second says which names or shapes differ
-                lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-                detail = " ".join(lines[:2])
-                detail = detail if len(detail) <= 240 else detail[:237] + "..."
-                raise ckpt.CheckpointError(f"{source}: weights '{key}' do not fit this config: {detail}") from None
-
     def restore(self, obj, source: str) -> None:
+        """Continue from a checkpoint file's dictionary, or from a step folder and its trainer.pt."""
         changes = resume_policy.config_changes(obj.get(ckpt.CONFIG, {}), self.cfg)
         resume_policy.refuse_data_order_changes(changes, source)
-        self.load_weights(obj, source)
+        if os.path.isdir(source):
+            sharded.load_folder(source, self.parallel.root, self.optimizer, obj)
+        elif self.parallel.folders:
+            raise ckpt.CheckpointError(f"{source}: parallel=fsdp resumes from step folders (.dcp) only; resume "
+                                       "this file with parallel=ddp, or start from its weights with --init_from")
+        else:
+            load_weights(self.stage, obj, source)
+            try:
+                self.optimizer.load_state_dict(obj[ckpt.OPTIMIZER])
+            except (ValueError, KeyError) as e:
+                raise ckpt.CheckpointError(f"{source}: optimizer state does not fit this config: {e}") from None
         try:
-            self.optimizer.load_state_dict(obj[ckpt.OPTIMIZER])
             self.scheduler.load_state_dict(obj[ckpt.SCHEDULER])
         except (ValueError, KeyError) as e:
-            raise ckpt.CheckpointError(f"{source}: optimizer state does not fit this config: {e}") from None
+            raise ckpt.CheckpointError(f"{source}: scheduler state does not fit this config: {e}") from None
         if self.scaler is not None and ckpt.SCALER in obj:
             self.scaler.load_state_dict(obj[ckpt.SCALER])
         self.step, self.best_val_loss = int(obj[ckpt.STEP]), float(obj[ckpt.BEST_VAL_LOSS])
         self.rebuild_schedule()
-        data = obj.get(ckpt.DATA_STATE, {})
-        self.batches_taken = int(data.get("batches", self.step * self.cfg.grad_accum_steps))
-        rt = self.stage.rt
+        self.restore_data_position(obj.get(ckpt.DATA_STATE, {}), obj.get(ckpt.RNG, []), changes)
+
+    def restore_data_position(self, data: dict, rng: list, changes: dict) -> None:
+        rt, cfg = self.stage.rt, self.cfg
+        # Format 1 counted batches per rank; a one-rank run's count is already global.
+        samples = data.get("samples", data.get("batches", self.step * cfg.grad_accum_steps)
+                           * data.get("world_size", 1) * cfg.batch_size)
+        self.start_batch, self.batches_taken = samples // cfg.batch_size, 0
         if changes:
             log(rt, f"resuming with config changes: {resume_policy.describe(changes, self.step)}")
-        if not rt.restore_rng(obj.get(ckpt.RNG, [])) or data.get("batch_size") != self.cfg.batch_size:
-            log(rt, f"warning: {source} came from another batch size or world size; "
-                    "the run continues, but not exactly as an uninterrupted run would")
+        if not rt.restore_rng(rng, reseed=mix_seed(cfg.seed, rt.rank, self.step, 2)):
+            log(rt, f"resuming {len(rng)} rank(s) on {rt.world_size}: the data continues at sample {samples}, "
+                    f"none skipped or repeated; each rank's RNG is reseeded from (seed, rank, step)")
 
     def rebuild_schedule(self) -> None:
         rebuild_schedule(self.optimizer, self.scheduler, self.cfg)
+
+
+def load_weights(stage: Stage, obj, source: str) -> None:
+    """The stage's modules from a checkpoint dictionary (full, weights-only or a bare state_dict)."""
+    keys = list(stage.modules)
+    if ckpt.kind_of(obj) != "legacy" and not set(keys) <= set(obj):
+        theirs = sorted(k for k in obj if k not in ckpt.NON_WEIGHT_KEYS)
+        raise ckpt.CheckpointError(f"{source}: not a {stage.spec.prefix} checkpoint: it holds weights "
+                                   f"{theirs}, this stage needs {keys}")
+    for key, sd in ckpt.weights_of(obj, keys, source).items():
+        try:
+            stage.modules[key].load_state_dict(sd)
+        except RuntimeError as e:
+            # the first line only names the module; the second says which names or shapes differ
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            detail = " ".join(lines[:2])
+            detail = detail if len(detail) <= 240 else detail[:237] + "..."
+            raise ckpt.CheckpointError(f"{source}: weights '{key}' do not fit this config: {detail}") from None
 
 
 def _json_float(x: float):
@@ -119,12 +159,12 @@ def find_resume_checkpoint(save_dir: str, prefix: str, resume_step: int | None, 
     an error: starting over silently would overwrite the run.
     """
     if resume_step is not None:
-        path = ckpt.step_path(save_dir, prefix, resume_step)
-        if not os.path.isfile(path):
+        found = [path for step, path in ckpt.step_files(save_dir, prefix) if step == resume_step]
+        if not found:
             steps = ", ".join(str(step) for step, _ in ckpt.step_files(save_dir, prefix)) or "none"
-            raise ckpt.CheckpointError(f"--resume_step {resume_step}: {os.path.basename(path)} not found in {save_dir} "
-                                       f"(step files there: {steps})")
-        return path, ckpt.load(path)
+            raise ckpt.CheckpointError(f"--resume_step {resume_step}: {prefix}_step_{resume_step}.pt not found in "
+                                       f"{save_dir} (step files there: {steps})")
+        return found[-1], read_candidate(found[-1])
     candidates = [(step, path, None) for step, path in ckpt.step_files(save_dir, prefix)]
     whole = [ckpt.final_path(save_dir, prefix)] + ([ckpt.best_path(save_dir, prefix)] if include_best else [])
     for path in filter(os.path.isfile, whole):
@@ -137,7 +177,7 @@ def find_resume_checkpoint(save_dir: str, prefix: str, resume_step: int | None, 
     failures = []
     for _, path, obj in sorted(candidates, key=lambda c: c[0], reverse=True):
         try:
-            return path, obj if obj is not None else ckpt.load(path)
+            return path, obj if obj is not None else read_candidate(path)
         except ckpt.CheckpointError as e:
             failures.append(path)
             log(rt, f"warning: skipping {e}")
@@ -146,3 +186,8 @@ def find_resume_checkpoint(save_dir: str, prefix: str, resume_step: int | None, 
             f"no loadable checkpoint in {save_dir} ({len(failures)} unreadable); "
             "use --no-resume to start over or --init_from PATH to load weights")
     return None
+
+
+def read_candidate(path: str) -> dict:
+    """A step file's dictionary, or a step folder's trainer.pt once its shards are checked."""
+    return sharded.check_folder(path) if os.path.isdir(path) else ckpt.load(path)
