@@ -82,7 +82,9 @@ def train(stage_class, cfg, opts: ResumeOptions = ResumeOptions()) -> int:
         trainer = build_trainer(stage_class(cfg, rt), opts)
         if rt.is_main:
             ckpt.write_json(os.path.join(cfg.save_dir, "config.json"), config_dict(cfg))
-        return run_loop(trainer)
+        status = run_loop(trainer)
+        rt.barrier()        # no rank leaves the process group while another still has work in flight
+        return status
     finally:
         teardown(rt)
 
