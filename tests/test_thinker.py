@@ -1,6 +1,7 @@
 """The Thinker's attention, KV cache and generation."""
 import torch
 
+from conftest import record_cache_buffers
 from omni.layers import Transformer
 from omni.thinker import Thinker, ThinkerArch
 
@@ -25,6 +26,21 @@ def test_greedy_generation_with_cache_equals_without_token_for_token():
         plain = [t.item() for t in model.generate(prompt, max_new_tokens=30, use_cache=False)]
         assert len(cached) == 30 and cached == plain, n_kv
         assert len(set(cached)) > 1
+
+
+def test_static_cache_decodes_like_no_cache_and_is_allocated_once():
+    model = tiny_thinker(5, max_seq_len=128)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    prompt = torch.tensor([[3, 8, 13, 21], [5, 6, 7, 8]])
+    seen = record_cache_buffers(model.body)
+    cached = torch.stack(list(model.generate(prompt, max_new_tokens=100)), 1)
+    plain = torch.stack(list(model.generate(prompt, max_new_tokens=100, use_cache=False)), 1)
+    assert cached.shape == (2, 100) and torch.equal(cached, plain)
+    assert len(seen) == 100                          # one forward per new token, prompt included
+    assert all(addresses == seen[0] for addresses in seen) and 0 not in seen[0]
 
 
 def test_cached_logits_match_full_forward():
