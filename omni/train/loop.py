@@ -19,6 +19,7 @@ from omni.data.sampler import ResumableBatchSampler, mix_seed
 from omni.logs import MetricsLog, Progress, log, summary_writer_class
 from omni.runtime import Runtime, setup_runtime, teardown
 from omni.train.optim import make_optimizer, make_scheduler
+from omni.train.speed import compile_modules
 from omni.train.stage import Stage, make_loader, to_device
 from omni.train.state import Trainer, find_resume_checkpoint
 
@@ -48,6 +49,7 @@ def build_trainer(stage: Stage, opts: ResumeOptions) -> Trainer:
     check_weight_keys(stage)
     for module in stage.modules.values():
         module.to(rt.device)
+    compile_modules(stage, cfg)
     rt.broadcast_parameters(stage.modules.values())
     optimizer = make_optimizer(stage.parameters(), cfg)
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype is torch.float16 else None
