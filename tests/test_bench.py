@@ -9,7 +9,8 @@ from conftest import run_script
 from omni.thinker import Thinker, ThinkerArch
 from omni.train.speed import compile_modules
 
-FIGURES = ["decode tokens/s, static KV cache", "train tokens/s, fused AdamW", "train tokens/s, compile (",
+FIGURES = ["decode tokens/s, static KV cache", "train tokens/s, fused AdamW", "train tokens/s, bf16 autocast",
+           "train tokens/s, compile (",
            "train tokens/s, compile + bf16 autocast", "fraction of fp32 matmul peak", "checkpoint save ms",
            "checkpoint MB"]
 NUMBER = r"\s*([-+0-9.e]+|inf|nan)\s*"

@@ -2,7 +2,7 @@
 import torch
 
 from conftest import record_cache_buffers
-from omni.layers import Transformer
+from omni.layers import Transformer, causal_attention_written_out
 from omni.thinker import Thinker, ThinkerArch
 
 
@@ -81,3 +81,17 @@ def test_causal_attention_ignores_the_future_and_encoder_masks_padding():
     noisy = x.clone()
     noisy[0, 4:] = 100.0
     assert torch.allclose(enc(x, mask)[0, :4], enc(noisy, mask)[0, :4], atol=1e-5)
+
+
+def test_written_out_causal_attention_equals_sdpa_with_gradients():
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(2, h, 10, 8, requires_grad=True) for h in (4, 2, 2))
+    ours = causal_attention_written_out(q, k, v)
+    ours.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    ref.sum().backward()
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert all(torch.allclose(g, t.grad, atol=1e-5) for g, t in zip(grads, (q, k, v)))
