@@ -1,6 +1,6 @@
 """The suite's speed figures, each beside a baseline measured in the same process.
 
-    python bench/run.py [--quick] [--config configs/thinker_tiny.json] [--rounds 3]
+    python bench/run.py [--quick] [--config configs/thinker_tiny.json] [--rounds 5]
 
 Prints one table (figure, value, baseline, ratio = value / baseline); docs/bench.md holds the
 figures of one machine and what each change gave.
@@ -148,7 +148,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs/thinker_tiny.json"))
     p.add_argument("--quick", action="store_true", help="tiny dims, a few seconds: checks the harness runs")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=8, help="training steps per round")
     args = p.parse_args()
     rounds, steps, new_tokens = (1, 2, 32) if args.quick else (args.rounds, args.steps, 256)
