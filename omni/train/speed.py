@@ -1,5 +1,6 @@
-"""Speed options of the training core that change no result: `compile_modules` (config key
-`compile`). Figures and what did not pay: docs/bench.md."""
+"""Speed options of the training core that leave the checkpoints as they are: `compile_modules`
+(config key `compile`; compiled kernels may round differently in the last bits). Figures, and
+what did not pay: docs/bench.md."""
 from __future__ import annotations
 
 from omni.train.stage import Stage
