@@ -66,6 +66,7 @@ class TrainConfig:
     adam_beta1: float = 0.9            # AdamW's moment decay rates
     adam_beta2: float = 0.95
     adamw_impl: str = choice("auto", "foreach", "fused", "loop")   # auto: torch's pick (foreach on CUDA)
+    compile: bool = False              # torch.compile every module's forward (speed only; same checkpoints)
     warmup_steps: int = non_negative(100)
     max_steps: int = positive(1000)
     grad_clip: float = 1.0             # 0 turns clipping off

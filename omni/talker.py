@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from omni.config import arch_from_config
-from omni.layers import KVCache, Transformer, pad_stack, sample_next
+from omni.layers import Transformer, pad_stack, sample_next
 from omni.transcripts import LEGACY_TALKER_CHARS, Charset, normalize_transcript
 
 CHARS = LEGACY_TALKER_CHARS                  # the set of checkpoints without a `charset` key
@@ -228,7 +228,7 @@ class Talker(nn.Module):
         n = len(text)
         limit = min(max_frames or self.max_frames(n), self.arch.max_seq_len - n - 1)
         device = self.speech_start.device
-        cache = KVCache(self.arch.n_layers)
+        cache = self.body.new_cache(n + 1 + limit)
         prefix = self.prefixes([text])[0]
         total = self.predicted_frames(prefix, source)
         start = self.speech(self.speech_start[None], torch.zeros(1, device=device), total, source, prefix)

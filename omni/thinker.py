@@ -47,21 +47,23 @@ class Thinker(nn.Module):
         logits = self.head(hidden)
         return (logits, hidden) if return_hidden else logits
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.arch.n_layers)
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """A KV cache for up to max_len positions (default max_seq_len), allocated at its first use."""
+        return self.body.new_cache(max_len)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, ids=None, embeds=None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, eos_id: int | None = None, generator=None, use_cache: bool = True):
-        """Yield new token ids (a [B] tensor per step). Batch size 1 stops at eos_id.
+        """Yield new token ids (a [B] inference-mode tensor per step: read it, do not train on it).
+        Batch size 1 stops at eos_id.
 
         The prompt is ids [B, T] or embeddings [B, T, D]. Without the cache, every step runs the
         whole sequence again; it exists to check that the cache changes nothing.
         """
-        cache = self.new_cache() if use_cache else None
         x = self.embed(ids) if embeds is None else embeds
-        budget = self.arch.max_seq_len - x.shape[1]
-        for _ in range(min(max_new_tokens, budget)):
+        steps = min(max_new_tokens, self.arch.max_seq_len - x.shape[1])
+        cache = self.new_cache(x.shape[1] + steps) if use_cache else None
+        for _ in range(steps):
             logits = self(embeds=x, cache=cache)[:, -1]
             nxt = sample_next(logits, temperature, top_k, generator)
             yield nxt

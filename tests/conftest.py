@@ -148,3 +148,18 @@ def trained_stages(demo_tiny, tmp_path_factory) -> dict:
     proc = run_script("-m", "omni.pipeline", write_config(root / "pipeline.json", {"stages": stages}))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return configs
+
+
+def record_cache_buffers(transformer) -> list:
+    """Wrap a Transformer's forward: after each call with a KV cache, append the addresses of the
+    cache's key and value buffers (the same list every step = allocated once, written in place)."""
+    seen, forward = [], transformer.forward
+
+    def recording(x, pad_mask=None, cache=None):
+        out = forward(x, pad_mask, cache)
+        if cache is not None:
+            seen.append([t.data_ptr() for t in cache.keys + cache.values])
+        return out
+
+    transformer.forward = recording
+    return seen

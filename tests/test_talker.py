@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import run_script, write_config
+from conftest import record_cache_buffers, run_script, write_config
 from omni.codec import CodecArch, SpeechCodec
 from omni.generation import Speaker, write_wav
 from omni.loading import load_speaker
@@ -88,7 +88,7 @@ def test_text_window_hands_each_frame_the_characters_its_progress_points_at():
     assert slots.tolist() == [[0, 1, 2], [2, 3, 4], [4, 5, 0]]   # zeros beyond either end
 
 
-def test_generation_with_cache_matches_teacher_forcing():
+def test_generation_with_static_cache_matches_teacher_forcing_without_cache():
     talker = sharpen(tiny_talker(1, text_window=2))
     with torch.no_grad():
         talker.heads[0].bias[K] = -1e9                 # no EOS: run to the frame limit
@@ -96,8 +96,10 @@ def test_generation_with_cache_matches_teacher_forcing():
     with torch.no_grad():                               # predicted length = 20: the same progress inputs
         talker.length_head.weight.zero_()
         talker.frames_per_char.fill_(20 / len(text))
+    seen = record_cache_buffers(talker.body)
     codes = talker.generate(text, max_frames=20)
     assert codes.shape == (20, NQ)
+    assert len(seen) == 20 and all(addresses == seen[0] for addresses in seen)   # allocated once
     logits, _ = talker([text], [codes])                # the same frames, all at once, no cache
     n = len(text)
     for k in range(NQ):

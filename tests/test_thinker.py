@@ -1,7 +1,8 @@
 """The Thinker's attention, KV cache and generation."""
 import torch
 
-from omni.layers import Transformer
+from conftest import record_cache_buffers
+from omni.layers import Transformer, causal_attention_written_out
 from omni.thinker import Thinker, ThinkerArch
 
 
@@ -25,6 +26,21 @@ def test_greedy_generation_with_cache_equals_without_token_for_token():
         plain = [t.item() for t in model.generate(prompt, max_new_tokens=30, use_cache=False)]
         assert len(cached) == 30 and cached == plain, n_kv
         assert len(set(cached)) > 1
+
+
+def test_static_cache_decodes_like_no_cache_and_is_allocated_once():
+    model = tiny_thinker(5, max_seq_len=128)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    prompt = torch.tensor([[3, 8, 13, 21], [5, 6, 7, 8]])
+    seen = record_cache_buffers(model.body)
+    cached = torch.stack(list(model.generate(prompt, max_new_tokens=100)), 1)
+    plain = torch.stack(list(model.generate(prompt, max_new_tokens=100, use_cache=False)), 1)
+    assert cached.shape == (2, 100) and torch.equal(cached, plain)
+    assert len(seen) == 100                          # one forward per new token, prompt included
+    assert all(addresses == seen[0] for addresses in seen) and 0 not in seen[0]
 
 
 def test_cached_logits_match_full_forward():
@@ -65,3 +81,17 @@ def test_causal_attention_ignores_the_future_and_encoder_masks_padding():
     noisy = x.clone()
     noisy[0, 4:] = 100.0
     assert torch.allclose(enc(x, mask)[0, :4], enc(noisy, mask)[0, :4], atol=1e-5)
+
+
+def test_written_out_causal_attention_equals_sdpa_with_gradients():
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(2, h, 10, 8, requires_grad=True) for h in (4, 2, 2))
+    ours = causal_attention_written_out(q, k, v)
+    ours.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    ref.sum().backward()
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert all(torch.allclose(g, t.grad, atol=1e-5) for g, t in zip(grads, (q, k, v)))

@@ -20,6 +20,7 @@ from omni.data.sampler import ResumableBatchSampler, mix_seed
 from omni.logs import MetricsLog, Progress, log, summary_writer_class
 from omni.runtime import Runtime, setup_runtime, teardown
 from omni.train.optim import make_optimizer, make_scheduler
+from omni.train.speed import compile_modules
 from omni.train.stage import Stage, make_loader, to_device
 from omni.train.parallel import parallelize
 from omni.train.state import Trainer, find_resume_checkpoint, load_weights
@@ -51,6 +52,7 @@ def build_trainer(stage: Stage, opts: ResumeOptions) -> Trainer:
     check_weight_keys(stage)
     for module in stage.modules.values():
         module.to(rt.device)
+    compile_modules(stage, cfg)
     rt.broadcast_parameters(stage.modules.values())
     if opts.init_from:
         load_weights(stage, ckpt.load(opts.init_from), opts.init_from)
