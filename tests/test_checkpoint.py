@@ -168,9 +168,10 @@ def test_resume_cost_does_not_grow_with_the_step(trained, tmp_path, corpus, monk
 def test_parallel_fsdp_on_one_rank_writes_step_folders_whose_index_cannot_run_code(tmp_path, corpus):
     """parallel=fsdp checkpoints steps as DCP folders on any number of ranks. Their index is a pickle:
     one naming anything but DCP's own classes is refused, and the run resumes from the folder before."""
-    cfg = text_cfg(corpus, tmp_path / "run", parallel="fsdp", max_steps=6, checkpoint_freq=3)
+    cfg = text_cfg(corpus, tmp_path / "run", parallel="fsdp", max_steps=6, checkpoint_freq=2, keep_last_n=2)
     assert train(TextStage, cfg) == 0
-    assert {"thinker_step_3.dcp", "thinker_step_6.dcp", "thinker.pt"} <= set(os.listdir(cfg.save_dir))
+    folders = sorted(n for n in os.listdir(cfg.save_dir) if n.endswith(".dcp"))
+    assert folders == ["thinker_step_4.dcp", "thinker_step_6.dcp"]       # keep-last-N removed step 2's
     assert "optimizer" not in load_pt(os.path.join(cfg.save_dir, "thinker.pt"))    # weights, for inference
     global EXPLOIT_MARKER
     EXPLOIT_MARKER = str(tmp_path / "pwned")
@@ -178,5 +179,5 @@ def test_parallel_fsdp_on_one_rank_writes_step_folders_whose_index_cannot_run_co
         pickle.dump(Exploit(), f)
     resumed = text_cfg(corpus, cfg.save_dir, parallel="fsdp", max_steps=7)
     trainer = build_trainer(TextStage(resumed, Runtime(torch.device("cpu"))), ResumeOptions())
-    assert trainer.step == 3 and not os.path.exists(EXPLOIT_MARKER)
+    assert trainer.step == 4 and not os.path.exists(EXPLOIT_MARKER)
 
