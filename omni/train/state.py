@@ -58,15 +58,15 @@ class Trainer:
         return out
 
     def payload(self, full: bool = True) -> dict:
-        """The checkpoint dictionary (a collective call under torchrun). Sharded runs write weights
-        only into a single file (their step folders hold the rest)."""
-        if self.parallel.folders:
-            return {**sharded.full_weights(self.parallel.root, self.stage.modules),
-                    **{k: v for k, v in self.state().items() if k not in ckpt.RESUME_KEYS}}
-        out = {key: m.state_dict() for key, m in self.stage.modules.items()}
-        if full:
-            return {**out, **self.state(), ckpt.OPTIMIZER: self.optimizer.state_dict()}
-        return {**out, **{k: v for k, v in self.state().items() if k not in ckpt.RESUME_KEYS}}
+        """The checkpoint dictionary (a collective call under torchrun). With parallel=fsdp a single
+        file holds the gathered weights only: its step folders hold the rest."""
+        folders = self.parallel.folders
+        weights = sharded.full_weights(self.parallel.root, self.stage.modules) if folders else \
+            {key: m.state_dict() for key, m in self.stage.modules.items()}
+        out = {**weights, **self.state()}
+        if full and not folders:
+            return {**out, ckpt.OPTIMIZER: self.optimizer.state_dict()}
+        return ckpt.slim(out)
 
     def save(self, path: str) -> None:
         rt = self.stage.rt
