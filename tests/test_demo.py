@@ -97,7 +97,8 @@ def test_manifests_reference_existing_files_of_their_split(out):
             assert r["kind"] in ("image_qa", "speech_qa", "text", "caption")
             assert ("image" in r) == (r["kind"] in ("image_qa", "caption"))
             assert ("audio" in r) == ("transcript" in r) == (r["kind"] == "speech_qa")
-            assert [t["role"] for t in r["conversation"]] == ["user", "assistant"]
+            turns = demo.TRAIN_IMAGE_TURNS if (split, r["kind"]) == ("train", "image_qa") else 1
+            assert [t["role"] for t in r["conversation"]] == ["user", "assistant"] * turns
     on_disk = {p.relative_to(out).as_posix() for p in (out / "images").iterdir()}
     on_disk |= {p.relative_to(out).as_posix() for p in (out / "speech").iterdir()}
     assert on_disk == referenced, "orphan or missing media files"
@@ -132,9 +133,9 @@ def test_text_charset(out):
         for r in _jsonl(out / f"sft_{split}.jsonl"):
             if r["kind"] == "speech_qa":
                 assert SPOKEN.match(r["transcript"]) and r["conversation"][0]["content"] == ""
-            user, answer = (t["content"] for t in r["conversation"])
-            assert "?" not in answer
-            assert "?" not in user[:-1]
+            for user, answer in zip(r["conversation"][::2], r["conversation"][1::2]):
+                assert "?" not in answer["content"]
+                assert "?" not in user["content"][:-1]
 
 
 # ---- held-out generalization ----------------------------------------------------------------
@@ -165,22 +166,28 @@ def test_image_answers_match_the_caption(out):
             if r["kind"] != "image_qa":
                 continue
             objs = OBJ.findall(captions[r["image"]])
-            q, a = (t["content"] for t in r["conversation"])
-            by_shape = {s: (size, c) for size, c, s in objs}
-            by_colour = {c: s for _, c, s in objs}
-            if m := re.fullmatch(r"what colour is the (\w+)\?", q):
-                assert by_shape[m[1]][1] == a
-            elif m := re.fullmatch(r"what shape is the (\w+) one\?", q):
-                assert by_colour[m[1]] == a
-            elif m := re.fullmatch(r"is the (\w+) big or small\?", q):
-                assert by_shape[m[1]][0] == a
-            elif m := re.fullmatch(r"is there a (\w+) (\w+)\?", q):
-                assert a == ("yes" if by_colour.get(m[1]) == m[2] else "no")
-            elif q == "how many shapes are there?":
-                assert a == world.NUMBERS[len(objs)]
-            else:
-                m = re.fullmatch(r"what shape is (above|below|left of|right of) the (\w+)\?", q)
-                assert m and f"{a} {m[1]} a " in captions[r["image"]], (q, a, captions[r["image"]])
+            turns = [t["content"] for t in r["conversation"]]
+            assert len(set(turns[::2])) == len(turns) // 2, "a conversation asks each question once"
+            for q, a in zip(turns[::2], turns[1::2]):
+                check_image_answer(q, a, objs, captions[r["image"]])
+
+
+def check_image_answer(q: str, a: str, objs: list, caption: str) -> None:
+    by_shape = {s: (size, c) for size, c, s in objs}
+    by_colour = {c: s for _, c, s in objs}
+    if m := re.fullmatch(r"what colour is the (\w+)\?", q):
+        assert by_shape[m[1]][1] == a
+    elif m := re.fullmatch(r"what shape is the (\w+) one\?", q):
+        assert by_colour[m[1]] == a
+    elif m := re.fullmatch(r"is the (\w+) big or small\?", q):
+        assert by_shape[m[1]][0] == a
+    elif m := re.fullmatch(r"is there a (\w+) (\w+)\?", q):
+        assert a == ("yes" if by_colour.get(m[1]) == m[2] else "no")
+    elif q == "how many shapes are there?":
+        assert a == world.NUMBERS[len(objs)]
+    else:
+        m = re.fullmatch(r"what shape is (above|below|left of|right of) the (\w+)\?", q)
+        assert m and f"{a} {m[1]} a " in caption, (q, a, caption)
 
 
 def test_topics_name_what_each_conversation_asks(out):
@@ -190,7 +197,7 @@ def test_topics_name_what_each_conversation_asks(out):
     for split in SPLITS:
         captions = {r["image"]: r["caption"] for r in _jsonl(out / f"image_caption_{split}.jsonl")}
         for r in _jsonl(out / f"sft_{split}.jsonl"):
-            q, a = (t["content"] for t in r["conversation"])
+            q, a = (t["content"] for t in r["conversation"][:2])   # the topic is the first question's
             topic, text = r["topic"], r.get("transcript", q)
             if r["kind"] == "image_qa":
                 expected = {"what colour": "colour", "what shape is the": "shape", "is the ": "size",

@@ -46,8 +46,8 @@ def test_vit_returns_cls_and_patch_tokens():
 def test_conv_stem_keeps_the_token_grid():
     vit = ViT(tiny_arch(patch_size=8, conv_stem=True))
     assert vit(torch.rand(2, 3, 64, 64) * 2 - 1).shape == (2, 65, 32)
-    with pytest.raises(ValueError, match="divisible by 4"):
-        ViT(tiny_arch(patch_size=2, conv_stem=True))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        ViT(tiny_arch(patch_size=4, conv_stem=True))
 
 
 def test_patch_size_must_divide_the_image():

@@ -26,7 +26,7 @@ import soundfile as sf
 
 from omni.data import speech, world
 
-GENERATOR_VERSION = 2   # 2: SFT records carry a topic; captioning conversations
+GENERATOR_VERSION = 3   # 2: SFT records carry a topic; captioning conversations. 3: multi-turn image QA in train
 SPLITS = ("train", "val", "test")
 # Per split (train, val, test).  image_qa/text_sft/speech_qa are SFT record counts.
 SIZE_COUNTS = {
@@ -47,6 +47,10 @@ HOT_QUESTION_SHARE = 0.75  # share of test image questions about a held-out obje
 # Relative frequency of image-question kinds; yes and no are equally likely.
 QUESTION_WEIGHTS = {"colour": 4, "shape": 4, "size": 3, "count": 2, "relation": 4,
                     "exists_yes": 2, "exists_no": 2}
+# Questions per training image conversation. Each extra turn costs a few tokens beside the image's
+# 65, so SFT sees several times more image answers per step (val and test keep one question each,
+# so every one is scored alone).
+TRAIN_IMAGE_TURNS = 3
 
 
 def _counts_for(size: str, override: dict | None) -> dict:
@@ -101,13 +105,18 @@ class _Builder:
             return rng.choice(self.facts_hot)
         return rng.choice(self.facts_open)
 
-    def image_qa(self, rng, split, scene) -> tuple:
+    def image_qa(self, rng, split, scene, turns: int = 1) -> list:
+        """`turns` different (question, answer, topic) about one scene (fewer when it has fewer)."""
         qs = world.image_questions(scene, rng, self.heldout, allow_heldout=(split == "test"))
         hot = [q for q in qs if q[2]]
         if split == "test" and hot and rng.random() < HOT_QUESTION_SHARE:
             qs = hot
-        q, a, _, kind = world.pick_question(qs, rng, QUESTION_WEIGHTS)
-        return q, a, world.question_topic(kind)
+        chosen = []
+        while qs and len(chosen) < turns:
+            q, a, _, kind = world.pick_question(qs, rng, QUESTION_WEIGHTS)
+            qs = [other for other in qs if other[0] != q]
+            chosen.append((q, a, world.question_topic(kind)))
+        return chosen
 
     def queue_clip(self, split, text, voice, rate, pitch) -> str:
         rel = f"speech/{split}_{self.clip_index[split]:05d}.wav"
@@ -140,7 +149,7 @@ class _Builder:
             scene = self.scene(rng, split)
             line = world.caption(scene)
             if kind == "scene_qa":
-                line += " " + " ".join(self.image_qa(rng, split, scene)[:2])
+                line += " " + " ".join(self.image_qa(rng, split, scene)[0][:2])
             return line
         if kind == "chat":
             return " ".join(rng.choice(world.CHAT))
@@ -161,7 +170,7 @@ class _Builder:
                            weights=(40, 15, 20, 15, 10))[0]
         if kind in ("caption", "image_q"):
             scene = self.scene(rng, split)
-            return world.caption(scene) if kind == "caption" else self.image_qa(rng, split, scene)[0]
+            return world.caption(scene) if kind == "caption" else self.image_qa(rng, split, scene)[0][0]
         if kind == "chat":
             return rng.choice(rng.choice(world.CHAT))
         fact = self.fact(rng, split)
@@ -211,8 +220,9 @@ class _Builder:
         records = []
         for i in range(self.counts["image_qa"][split]):
             rel, scene = scenes[i % len(scenes)]
-            q, a, topic = self.image_qa(rng, split, scene)
-            records.append({"kind": "image_qa", "topic": topic, "image": rel, "conversation": _turns(q, a)})
+            qas = self.image_qa(rng, split, scene, TRAIN_IMAGE_TURNS if split == "train" else 1)
+            records.append({"kind": "image_qa", "topic": qas[0][2], "image": rel,
+                            "conversation": [m for q, a, _ in qas for m in _turns(q, a)]})
         for _ in range(self.counts["speech_qa"][split]):
             fact = self.fact(rng, split)
             audio = self.varied_clip(rng, split, fact.question)
