@@ -150,6 +150,15 @@ def test_loaders_accept_full_weights_only_and_legacy(trained_dir, tmp_path):
         assert clip.encode_captions(["a big red circle"]).shape == (1, 16)
 
 
+def test_the_stems_batchnorm_statistics_are_trained_and_saved(trained_dir):
+    """The running statistics are what the frozen ViT normalises with in Stage E and infer.py:
+    they must move during training and travel in the `vit` weights."""
+    vit = load_pt(os.path.join(trained_dir, "vision_best.pt"))["vit"]
+    variances = [k for k in vit if k.startswith("patch.") and k.endswith("running_var")]
+    assert len(variances) == 5     # one BatchNorm after each 3x3 convolution of the stem
+    assert all(not torch.allclose(vit[k], torch.ones_like(vit[k])) for k in variances)
+
+
 def test_loader_without_checkpoint_says_how_to_train(tmp_path):
     with pytest.raises(UserError, match="train_vision.py"):
         load_vision_encoder(str(tmp_path), "cpu")
