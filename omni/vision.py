@@ -75,10 +75,10 @@ class CaptionTokenizer:
 # ----------------------------------------------------------------------------- models
 def conv_stem(dim: int, patch: int) -> nn.Sequential:
     """Five 3x3 convolutions, each with BatchNorm and GELU, three of them stride 2, then a
-    patch_size/8 patchify: the same token grid as a linear patch embedding, but each token has
-    seen a 3x3-pixel-to-whole-shape hierarchy of edges and corners (receptive field 31 px). On the
-    demo world this learns shape several times faster than one linear map per 8x8 block, and
-    BatchNorm is what lets the deeper stem train at all (measured: docs/stage_c_vision.md)."""
+    patch_size/8 patchify: the same token grid as a linear patch embedding, but each token has seen
+    a 27 x 27 pixel neighbourhood through edges and corners (a whole small demo shape). The ViT
+    learns shape much faster behind it than behind one linear map per 8x8 block, and BatchNorm is
+    what lets this deeper stem train at all (measured: docs/stage_c_vision.md)."""
     if patch % 8:
         raise ValueError(f"conv_stem needs a patch_size divisible by 8, got {patch}")
 
