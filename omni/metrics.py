@@ -1,4 +1,5 @@
-"""Evaluation metrics shared by the stages: edit distance, CER / WER, retrieval accuracy.
+"""Evaluation metrics shared by the stages: edit distance, CER / WER, retrieval accuracy,
+attribute probes.
 
 CER and WER are corpus-level: total edits over total reference length (characters or words),
 so long utterances weigh more than short ones, as in the usual ASR reports. The counting
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 def edit_distance(ref: Sequence, hyp: Sequence) -> int:
@@ -98,3 +100,32 @@ def swap_probes(words: list[str], options: list[list[str]]) -> list[list[list[st
             probes.append([words] + [head + other + tail for other in options if other != option])
             break
     return probes
+
+
+def single_option(words: list[str], options: list[list[str]]) -> int:
+    """The index of the option that occurs in the caption (words) when exactly one occurrence of any
+    option does, else -1: "a big red circle" -> the index of "circle" among the shapes; a caption
+    with two shapes, or none, gives no label."""
+    found = [k for start in range(len(words)) for k, option in enumerate(options)
+             if words[start:start + len(option)] == option]
+    return found[0] if len(found) == 1 else -1
+
+
+@torch.enable_grad()
+def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, steps: int = 300,
+                     l2: float = 1e-3):
+    """A softmax regression on standardised features [N, D] -> labels [N] in [0, classes), trained
+    full-batch from zeros, so the same inputs always give the same probe. Returns predict(features)
+    -> labels. Linear on purpose: it says what the features hold, not what a new network could learn."""
+    x = features.detach().float()
+    mean, std = x.mean(0), x.std(0) + 1e-5
+    weight = torch.zeros(x.shape[1], classes, device=x.device, requires_grad=True)
+    bias = torch.zeros(classes, device=x.device, requires_grad=True)
+    opt = torch.optim.Adam([weight, bias], lr=0.01)
+    for _ in range(steps):
+        loss = F.cross_entropy(((x - mean) / std) @ weight + bias, labels) + l2 * weight.pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    weight, bias = weight.detach(), bias.detach()
+    return lambda f: (((f.float() - mean) / std) @ weight + bias).argmax(dim=1)

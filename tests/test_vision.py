@@ -8,7 +8,8 @@ import torch
 
 from conftest import load_pt, run_script, write_config
 from omni.config import UserError
-from omni.metrics import parse_probe_groups, retrieval_accuracy, retrieval_hits, swap_probes
+from omni.metrics import (fit_linear_probe, parse_probe_groups, retrieval_accuracy, retrieval_hits,
+                          single_option, swap_probes)
 from omni.vision import (CLS, LOG_SCALE_MAX, PAD, UNK, CLIP, CaptionTokenizer, ViT, VisionArch, build_vocab,
                          info_nce)
 from omni.loading import load_clip, load_vision_encoder
@@ -264,5 +265,30 @@ def test_probes_are_reported_per_split(trained_dir):
     """The tiny run of trained_dir has probes on: val and test figures per group, in [0, 1]."""
     rows = [json.loads(line) for line in open(os.path.join(trained_dir, "metrics.jsonl"))]
     last = [r for r in rows if r.get("split") == "val"][-1]
-    for name in ("probe_shape", "probe_colour", "test_probe_shape", "test_probe_colour"):
+    for name in ("probe_shape", "probe_colour", "test_probe_shape", "test_probe_colour",
+                 "linear_shape", "linear_colour", "test_linear_shape", "test_linear_colour"):
         assert 0.0 <= last[name] <= 1.0, name
+
+
+def test_single_option_labels_captions_that_name_one_member():
+    groups = parse_probe_groups(["shape=circle|square|star", "relation=above|left of|right of"])
+    assert single_option("a big red star".split(), groups["shape"]) == 2
+    assert single_option("a red circle left of a blue square".split(), groups["shape"]) == -1   # two shapes
+    assert single_option("a red circle left of a blue square".split(), groups["relation"]) == 1
+    assert single_option("a red circle right of a blue circle".split(), groups["relation"]) == 2
+    assert single_option("a big red thing".split(), groups["shape"]) == -1
+
+
+def test_linear_probe_reads_an_attribute_only_where_the_features_hold_it():
+    """Labels carried by two of eight feature dimensions are read on new samples; labels the features
+    do not carry stay near chance; the same data give the same probe."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (200,), generator=gen)
+    codes = torch.tensor([[2.0, 0.0], [0.0, 2.0], [-2.0, -2.0]])
+    features = torch.cat([codes[labels], torch.zeros(200, 6)], dim=1) + 0.5 * torch.randn(200, 8, generator=gen)
+    predict = fit_linear_probe(features[:100], labels[:100], classes=3)
+    assert (predict(features[100:]) == labels[100:]).float().mean() > 0.95
+    assert torch.equal(fit_linear_probe(features[:100], labels[:100], classes=3)(features), predict(features))
+    unrelated = torch.randint(0, 3, (200,), generator=gen)
+    guess = fit_linear_probe(features[:100], unrelated[:100], classes=3)(features[100:])
+    assert (guess == unrelated[100:]).float().mean() < 0.55

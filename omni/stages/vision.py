@@ -10,7 +10,7 @@ from omni.data.common import require_files
 from omni.config import choice
 from omni.data.image import RESIZE_MODES, ImageCaptionDataset
 from omni.data.manifest import read_manifest
-from omni.metrics import parse_probe_groups, retrieval_hits, swap_probes
+from omni.metrics import fit_linear_probe, parse_probe_groups, retrieval_hits, single_option, swap_probes
 from omni.logs import log
 from omni.registry import STAGES
 from omni.train.stage import Stage, make_loader, to_device
@@ -125,6 +125,49 @@ class VisionStage(Stage):
                 counts[2 * g + 1] += 1
         return counts
 
+    @torch.no_grad()
+    def cls_features(self, dataset) -> tuple[torch.Tensor, list[list[str]]]:
+        """The ViT's CLS token [N, vit_dim] and the caption words of every usable image of a split."""
+        feats, words = [], []
+        for start in range(0, len(dataset), 256):
+            samples = [dataset[(i, 0)] for i in range(start, min(start + 256, len(dataset)))]
+            samples = [s for s in samples if s is not None]     # unreadable images are skipped and counted
+            if samples:
+                images = torch.stack([s["image"] for s in samples]).to(self.rt.device)
+                with self.rt.autocast():
+                    feats.append(self.model.vit(images)[:, 0].float())
+                words += [caption_words(s["caption"]) for s in samples]
+        return (torch.cat(feats) if feats else torch.zeros(0, self.cfg.vit_dim, device=self.rt.device)), words
+
+    def linear_probes(self) -> dict[str, float]:
+        """linear_<group>: a linear probe of the CLS token, fitted on the first half of the val images
+        whose caption names exactly one member of the group, scored on the second half;
+        test_linear_<group>: fitted on all of them, scored on such test images, whose colour-shape
+        pairs training never showed. Read beside each other they say whether the ViT's features for
+        one attribute hold when the other changes. Every rank computes them on whole splits."""
+        def labelled(split, options):
+            feats, words = split
+            labels = torch.tensor([single_option(w, options) for w in words], dtype=torch.long, device=feats.device)
+            return feats[labels >= 0], labels[labels >= 0]
+
+        def accuracy(fit_x, fit_y, x, y, classes):
+            return (fit_linear_probe(fit_x, fit_y, classes)(x) == y).float().mean().item()
+
+        val = self.cls_features(self.val_data)
+        test = self.cls_features(self.test_data) if self.test_data is not None else None
+        out = {}
+        for name, options in self.probe_groups.items():
+            x, y = labelled(val, options)
+            half = len(y) // 2
+            if half < 2:
+                continue
+            out[f"linear_{name}"] = accuracy(x[:half], y[:half], x[half:], y[half:], len(options))
+            if test is not None:
+                tx, ty = labelled(test, options)
+                if len(ty):
+                    out[f"test_linear_{name}"] = accuracy(x, y, tx, ty, len(options))
+        return out
+
     def evaluate(self):
         out = {}
         for split, data in (("val", self.val_data), ("test", self.test_data)):
@@ -138,4 +181,6 @@ class VisionStage(Stage):
                 counts = self.rt.sum(self.probe(data))
                 out.update({f"{name}probe_{g}": counts[2 * k] / max(counts[2 * k + 1], 1)
                             for k, g in enumerate(self.probe_groups)})
+        if self.probe_groups:
+            out.update(self.linear_probes())
         return out
