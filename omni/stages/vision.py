@@ -29,7 +29,8 @@ class VisionConfig(TrainConfig, VisionArch):
     gallery_size: int = 100            # retrieval among consecutive chunks of this many pairs; 0 = whole split
     caption_weight: float = 1.0        # weight of the caption decoder's loss (when decoder_layers > 0)
     # Attribute probes at each validation: "name=word|word|..." groups of interchangeable words; for
-    # each occurrence in a caption, is the true caption scored above its swaps? [] = no probes.
+    # each occurrence in a caption, is the true caption scored above its swaps? Linear probes of the CLS
+    # token too, fitted on familiar pairs and read on held-out ones (linear_probes). [] = no probes.
     probe_groups: list[str] = field(default_factory=list)
     probe_images: int = 200            # images of each split probed (the first ones; 0 = all)
     save_dir: str = "checkpoints/vision_tiny"
