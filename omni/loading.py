@@ -197,7 +197,8 @@ def load_omni(ckpt_dir: str, device):
     dirs = [resolve_dir(ckpt_dir, config[key]) for key, _ in spec.components]
     thinker, tokenizer, audio_enc, vision, reader = load_omni_parts(*dirs, device)
     d = thinker.arch.d_model
-    model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d), Projector(vision.out_dim, d),
+    model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d),
+                      Projector(vision.out_dim, d, colour=config.get("colour_apart", False)),
                       audio_enc, vision, reader if config.get("audio_transcript") else None)
     parts = model.parts()
     for key, state in weights.items():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from omni.colours import patch_colours, silhouette
 from omni.layers import pad_stack
 from omni.thinker import Thinker
 from omni.tokenizer import Tokenizer
@@ -26,14 +27,76 @@ IGNORE = -100
 
 
 class Projector(nn.Module):
-    """Encoder features -> Thinker embeddings: Linear, GELU, Linear."""
+    """Encoder features -> Thinker embeddings: Linear, GELU, Linear. With `colour` (the vision
+    projector under Stage E's colour_apart, omni/colours.py) each token also gets its patch's mean
+    colour added through an MLP of its own: colour beside shape, never fused with it. (An MLP, not
+    a linear map: attention scores are linear in what they read, and a linear colour embedding
+    cannot make "red" score above every other colour the training images hold, so "the red one"
+    could not be found; measured in docs/stage_e_sft.md.)"""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, colour: bool = False):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        self.colour = nn.Sequential(nn.Linear(3, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)) if colour else None
 
-    def forward(self, x):
-        return self.net(x)
+    def forward(self, x, colours: torch.Tensor | None = None):
+        """x [..., in_dim]; colours [..., 3] (patch colours) when the projector has a colour map."""
+        if (colours is None) != (self.colour is None):
+            raise ValueError("patch colours go with a colour projector (colour_apart), and only with one")
+        return self.net(x) if colours is None else self.net(x) + self.colour(colours)
+
+
+def question_answer_pairs(conversation: list[dict]) -> list[tuple[str | None, str]]:
+    """(question, answer) per assistant turn: the user turn just before it, None if there is none."""
+    return [(prev["content"] if prev is not None and prev["role"] == "user" else None, turn["content"])
+            for prev, turn in zip([None] + conversation[:-1], conversation) if turn["role"] == "assistant"]
+
+
+class AnswerSmoothing:
+    """Label smoothing within the answer type, for the first answer token of the `kinds` of
+    conversation (Stage E's answer_smoothing; docs/stage_e_sft.md).
+
+    The type of a question is its first two words ("what colour", "what shape", "how many"); its
+    answer set is every first answer token seen in training after questions of that type. The target
+    becomes (1 - eps) on the answer plus eps spread evenly over the set. Plain cross-entropy may push
+    an answer never seen in a context (yellow, after "the triangle" when no triangle was ever yellow)
+    down without bound; smoothing keeps every answer of the type in play, so what the image shows
+    can still win on a pair held out from training."""
+
+    def __init__(self, records: list[dict], tokenizer: Tokenizer, eps: float, kinds=("image_qa",)):
+        self.eps, self.kinds = eps, set(kinds)
+        answers: dict[str, set[int]] = {}
+        for record in records:
+            conversation = record.get("conversation")
+            if record.get("kind") not in self.kinds or not isinstance(conversation, list):
+                continue
+            for question, answer in question_answer_pairs([t for t in conversation if isinstance(t, dict)]):
+                ids = tokenizer.encode(answer) if isinstance(answer, str) else []
+                if isinstance(question, str) and ids:
+                    answers.setdefault(self.question_type(question), set()).add(ids[0])
+        self.answers = {t: sorted(ids) for t, ids in answers.items() if len(ids) > 1}
+
+    @staticmethod
+    def question_type(question: str) -> str:
+        return " ".join(question.split()[:2])
+
+    def __call__(self, per_token, logits, labels, samples, eos_id: int) -> torch.Tensor:
+        """per_token [B, L] cross-entropies with each smoothed first answer token's replaced."""
+        log_probs = logits.log_softmax(-1)
+        answering = labels != IGNORE        # an answer starts where its label follows a non-answer or </s>
+        before = torch.cat([labels.new_full((labels.shape[0], 1), IGNORE), labels[:, :-1]], dim=1)
+        starts = answering & ((before == IGNORE) | (before == eos_id))
+        out = per_token.clone()
+        for i, sample in enumerate(samples):
+            if sample["kind"] not in self.kinds:
+                continue
+            positions = starts[i].nonzero().flatten().tolist()
+            for p, (question, _) in zip(positions, question_answer_pairs(sample["conversation"])):
+                same_type = self.answers.get(self.question_type(question or ""))
+                if same_type:
+                    spread = -log_probs[i, p, same_type].mean()
+                    out[i, p] = (1 - self.eps) * per_token[i, p] + self.eps * spread
+        return out
 
 
 @dataclass
@@ -72,16 +135,17 @@ class OmniModel(nn.Module):
         grad = torch.is_grad_enabled()
         has_img = [i for i, x in enumerate(images) if x is not None]
         if has_img:
+            stacked = torch.stack([images[i] for i in has_img]).to(self.device)
+            apart = self.proj_v.colour is not None      # colour_apart: the ViT sees silhouettes only
             with torch.set_grad_enabled(grad and "vision" in trained):
-                stacked = torch.stack([images[i] for i in has_img]).to(self.device)
-                feats = self._need(self.vision_encoder, "vision")(stacked)
+                feats = self._need(self.vision_encoder, "vision")(silhouette(stacked) if apart else stacked)
         has_aud = [i for i, x in enumerate(mels) if x is not None]
         if has_aud:
             with torch.set_grad_enabled(grad and "audio_enc" in trained):
                 mel, mask = pad_stack([mels[i] for i in has_aud])
                 hidden, hmask = self._need(self.audio_encoder, "audio")(mel.to(self.device), mask.to(self.device))
         if has_img:
-            projected = self.proj_v(feats)
+            projected = self.proj_v(feats, patch_colours(stacked, feats.shape[1]) if apart else None)
             for row, i in enumerate(has_img):
                 media[i].image = projected[row]
         if has_aud:
@@ -133,8 +197,10 @@ class OmniModel(nn.Module):
         """[1, L, D]: everything up to and including <assistant>, ready for generation."""
         return torch.cat([self._ids([self.tok.bos_id])] + self._user_turn(question, media))[None]
 
-    def batch_loss(self, samples: list[dict], trained: tuple = ()) -> tuple[torch.Tensor, int]:
-        """Mean cross-entropy over answer tokens of a batch of SFT samples, and their count."""
+    def batch_loss(self, samples: list[dict], trained: tuple = (),
+                   smoothing: AnswerSmoothing | None = None) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy over answer tokens of a batch of SFT samples, and their count; with
+        `smoothing`, the first answer tokens' targets are smoothed within their answer type."""
         media = self.encode_media([s["image"] for s in samples], [s["mel"] for s in samples], trained)
         seqs = [self.training_sequence(s["conversation"], m) for s, m in zip(samples, media)]
         longest = max(e.shape[0] for e, _ in seqs)
@@ -145,11 +211,12 @@ class OmniModel(nn.Module):
         labels = torch.full((len(seqs), longest), IGNORE, device=self.device)
         for i, (e, lab) in enumerate(seqs):      # right padding: causal attention never sees it
             embeds[i, :e.shape[0]], labels[i, :lab.shape[0]] = e, lab
-        logits = self.thinker(embeds=embeds)
+        logits = self.thinker(embeds=embeds).float()
         n = int((labels != IGNORE).sum())
-        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                           ignore_index=IGNORE)
-        return loss, n
+        per_token = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        if smoothing is not None:
+            per_token = smoothing(per_token, logits, labels, samples, self.tok.eos_id)
+        return per_token.sum() / max(n, 1), n
 
     @torch.no_grad()
     def answer(self, question: str, image=None, mel=None, max_new_tokens: int = 32, temperature: float = 0.0,

@@ -123,3 +123,58 @@ def test_answer_counts_per_kind_topic_and_caption_words():
     merged = other.results(lambda theirs: [a + b for a, b in zip(mine, theirs)])
     assert merged["speech_heldout_sums"] == 1.0 and merged["image_acc"] == 2 / 3
     assert merged["caption_word_acc"] == 8 / 9
+
+
+# ----------------------------------------------------------------------------- held-out pairs (omni/colours.py)
+def image_sample(question, answer, kind="image_qa"):
+    return {"conversation": conversation(question, answer), "kind": kind, "image": torch.randn(3, 4, 4), "mel": None}
+
+
+def test_answer_smoothing_spreads_the_first_answer_token_within_its_type(model):
+    from omni.omni_model import AnswerSmoothing
+    tok = model.tok
+    records = [{"kind": "image_qa", "conversation": conversation(q, a)} for q, a in
+               [("what colour is the circle?", "red"), ("what colour is the star?", "blue"),
+                ("how many shapes?", "two")]] + \
+              [{"kind": "text", "conversation": conversation("what colour is the sky?", "green")}]
+    smoothing = AnswerSmoothing(records, tok, eps=0.2)
+    colours = sorted({tok.encode("red")[0], tok.encode("blue")[0]})
+    assert smoothing.answers == {"what colour": colours}       # one answer alone is no type; text is not counted
+    samples = [image_sample("what colour is the square?", "red square"),
+               image_sample("what colour is the sky?", "red", kind="text")]
+    plain, n = model.batch_loss(samples)
+    smoothed, n_smoothed = model.batch_loss(samples, smoothing=smoothing)
+    assert n == n_smoothed
+    # by hand: only the image question's first answer token changes, to 0.8 CE + 0.2 mean(-log p(type))
+    media = model.encode_media([s["image"] for s in samples], [None, None])
+    embeds, labels = model.training_sequence(samples[0]["conversation"], media[0])
+    logits = model.thinker(embeds=embeds[None])[0].float()
+    first = int((labels != IGNORE).nonzero()[0])
+    log_p = logits[first].log_softmax(-1)
+    change = 0.2 * (-log_p[colours].mean() + log_p[labels[first]])
+    assert torch.allclose(smoothed, plain + change / n, atol=1e-5)
+
+
+def test_colour_apart_shows_the_vit_silhouettes_and_adds_patch_colours(model):
+    from omni.colours import silhouette
+    seen = []
+
+    class Recording(nn.Module):
+        out_dim = 8
+
+        def forward(self, images):               # 1 + 4 tokens: a 2 x 2 grid of patches
+            seen.append(images)
+            return images.flatten(1)[:, None, :8].repeat(1, 5, 1)
+
+    apart = OmniModel(model.thinker, model.tok, model.proj_a, Projector(8, 16, colour=True), FakeAudio(), Recording())
+    red, blue = (torch.full((3, 4, 4), 0.9), torch.full((3, 4, 4), 0.9))
+    red[:, 2:, 2:], blue[:, 2:, 2:] = torch.tensor([0.7, -0.8, -0.8])[:, None, None], \
+        torch.tensor([-0.7, -0.4, 0.7])[:, None, None]
+    tokens = [apart.encode_media([img], [None])[0].image for img in (red, blue)]
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[0], silhouette(red[None]))
+    assert tokens[0].shape == (5, 16)
+    assert torch.equal(tokens[0][0], tokens[1][0])                         # CLS: no colour
+    assert not torch.allclose(tokens[0][4], tokens[1][4])                  # the object's patch (bottom right)
+    assert torch.equal(tokens[0][1], tokens[1][1])                         # a background patch
+    with pytest.raises(ValueError, match="colour projector"):
+        model.proj_v(torch.zeros(1, 8), torch.zeros(1, 3))

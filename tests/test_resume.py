@@ -39,8 +39,8 @@ def audio_stage_config(demo_tiny):   # dropout and SpecAugment on: RNG and augme
 
 
 @pytest.fixture
-def vision_stage_config(demo_tiny):  # dropout and shift augmentation on
-    return lambda save_dir, **kw: vision_config(demo_tiny, save_dir, **kw)
+def vision_stage_config(demo_tiny):  # dropout, shift and recolouring augmentation on
+    return lambda save_dir, **kw: vision_config(demo_tiny, save_dir, **{"recolour_share": 0.5, **kw})
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def talker_stage_config(demo_tiny):  # dropout, EMA codebooks, dead-code restart
 
 
 @pytest.fixture
-def omni_stage_config(trained_stages):  # the Thinker's dropout, and greedy QA answers in validation
+def omni_stage_config(trained_stages):  # dropout, answer smoothing, colour_apart; greedy QA answers in validation
     def make(save_dir, **kw):
         return {**trained_stages["E"], "save_dir": str(save_dir), "max_steps": 12, "checkpoint_freq": 3,
                 "keep_last_n": 10, **kw}

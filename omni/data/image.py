@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
 
+from omni.colours import drop_words, recolour
 from omni.data.manifest import ManifestDataset, SampleError, media_file
 
 
@@ -69,9 +70,11 @@ def shift_image(img: torch.Tensor, generator: torch.Generator, max_shift: int) -
 class ImageCaptionDataset(ManifestDataset):
     """{"image": [3, S, S], "caption": str} per record of an image-caption manifest."""
 
-    def __init__(self, records, image_size: int = 64, max_shift: int = 0, resize: str = "squash", **kw):
+    def __init__(self, records, image_size: int = 64, max_shift: int = 0, resize: str = "squash",
+                 recolour_share: float = 0.0, **kw):
         super().__init__(records, **kw)
         self.image_size, self.max_shift, self.resize = image_size, max_shift, resize
+        self.recolour_share = recolour_share    # demo world only (omni/colours.py)
 
     def load(self, record, generator):
         caption = str(record["caption"]).strip()
@@ -79,5 +82,8 @@ class ImageCaptionDataset(ManifestDataset):
             raise SampleError("empty caption")
         img = read_image(record["image"], self.image_size, self.resize)
         if generator is not None:
+            if self.recolour_share:
+                img, repainted = recolour(img, generator, self.recolour_share)
+                caption = drop_words(caption, repainted)
             img = shift_image(img, generator, self.max_shift)
         return {"image": img, "caption": caption}

@@ -1,6 +1,7 @@
 """SFT conversations, optionally with an image or a spoken question."""
 from __future__ import annotations
 
+from omni.colours import drop_repainted, recolour
 from omni.data.audio import read_audio
 from omni.features import LogMel, MelSpec
 from omni.data.image import read_image
@@ -29,9 +30,11 @@ def check_conversation(conversation) -> list[dict]:
 class SFTDataset(ManifestDataset):
     """{"conversation", "kind", "topic" (or None), "image": [3,S,S] or None, "mel": [T, n_mels] or None}."""
 
-    def __init__(self, records, image_size: int = 64, spec: MelSpec = MelSpec(), resize: str = "squash", **kw):
+    def __init__(self, records, image_size: int = 64, spec: MelSpec = MelSpec(), resize: str = "squash",
+                 recolour_share: float = 0.0, **kw):
         super().__init__(records, **kw)
         self.image_size, self.spec, self.resize = image_size, spec, resize
+        self.recolour_share = recolour_share    # demo world only (omni/colours.py); needs augment
         self.logmel = LogMel(spec)
 
     def load(self, record, generator):
@@ -39,6 +42,19 @@ class SFTDataset(ManifestDataset):
                   "kind": record.get("kind", "text"), "topic": record.get("topic"), "image": None, "mel": None}
         if "image" in record:
             sample["image"] = read_image(record["image"], self.image_size, self.resize)
+            if generator is not None and self.recolour_share:
+                self.recolour(sample, generator)
         if "audio" in record:
             sample["mel"] = self.logmel(read_audio(record["audio"], self.spec.sample_rate))
         return sample
+
+    def recolour(self, sample: dict, generator) -> None:
+        """Repaint objects off-palette and keep the turns still true (omni/colours.py); a sample left
+        with no turn, or whose turns do not alternate user/assistant, keeps its image."""
+        turns = sample["conversation"]
+        if [t["role"] for t in turns] != list(ROLES) * (len(turns) // 2):
+            return
+        image, removed = recolour(sample["image"], generator, self.recolour_share)
+        kept = drop_repainted(turns, removed) if removed else turns
+        if kept:
+            sample["image"], sample["conversation"] = image, kept

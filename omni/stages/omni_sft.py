@@ -12,7 +12,7 @@ from omni.metrics import error_counts
 from omni.data.sft import SFTDataset, read_sft_manifest
 from omni.features import MelSpec
 from omni.loading import load_omni_parts
-from omni.omni_model import OmniModel, Projector
+from omni.omni_model import AnswerSmoothing, OmniModel, Projector
 from omni.logs import log
 from omni.registry import STAGES
 from omni.train.stage import Stage
@@ -39,6 +39,10 @@ class OmniSFTConfig(TrainConfig):
     image_size: int = inherited()   # 0: the vision encoder's (vision_dir); saved filled in
     n_mels: int = inherited()       # 0: the audio encoder's (audio_enc_dir); saved filled in
     image_resize: str = choice(*RESIZE_MODES)   # as the vision stage was trained (omni/data/image.py)
+    # Demo-world measures for colour-shape pairs held out from training (omni/colours.py, off for photos):
+    colour_apart: bool = False      # the ViT sees silhouettes; patch colours are added after the projector
+    recolour_share: float = 0.0     # training objects repainted off-palette, questions on their colour dropped
+    answer_smoothing: float = 0.0   # first answer token of image questions: smoothed within its answer type
     qa_eval_limit: int = 0          # answers generated per split for accuracy; 0 = all
     max_answer_tokens: int = 16
 
@@ -105,7 +109,8 @@ class OmniSFTStage(Stage):
         inherit(cfg, "image_size", vision.image_size, cfg.vision_dir)
         inherit(cfg, "n_mels", audio_enc.arch.n_mels, cfg.audio_enc_dir)
         d = thinker.arch.d_model
-        self.model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d), Projector(vision.out_dim, d),
+        self.model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d),
+                               Projector(vision.out_dim, d, colour=cfg.colour_apart),
                                audio_enc, vision, reader.requires_grad_(False) if cfg.audio_transcript else None)
         self.modules = {"thinker": thinker, "proj_a": self.model.proj_a, "proj_v": self.model.proj_v}
         self.trained_encoders = tuple(name for name in ("audio_enc", "vision")
@@ -127,7 +132,9 @@ class OmniSFTStage(Stage):
                 records += auxiliary_records(cfg.asr_manifest, "audio", "text", ASR_PROMPT, "asr")
             if cfg.caption_manifest:
                 records += auxiliary_records(cfg.caption_manifest, "image", "caption", CAPTION_PROMPT, "caption")
-            self.train_data = SFTDataset(records, **kw)
+            share = cfg.recolour_share
+            self.train_data = SFTDataset(records, **kw, recolour_share=share, augment=share > 0)
+        self.smoothing = AnswerSmoothing(records, tokenizer, cfg.answer_smoothing) if cfg.answer_smoothing else None
         self.val_data = SFTDataset(read_sft_manifest(cfg.val_manifest), **kw)
         self.test_data = SFTDataset(read_sft_manifest(cfg.test_manifest), **kw) if cfg.test_manifest else None
         trained = sum(p.numel() for p in self.parameters())
@@ -138,7 +145,8 @@ class OmniSFTStage(Stage):
         return samples        # sequences are built on the device, after the encoders run
 
     def loss(self, batch):
-        loss, n = self.model.batch_loss(batch, self.trained_encoders)
+        smoothing = self.smoothing if self.model.thinker.training else None   # the validation loss stays plain
+        loss, n = self.model.batch_loss(batch, self.trained_encoders, smoothing)
         return loss, {"n_answer_tokens": n}
 
     def evaluate(self):

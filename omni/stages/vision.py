@@ -24,7 +24,8 @@ class VisionConfig(TrainConfig, VisionArch):
     test_manifest: str = ""            # also scored at every validation when set
     image_column: str = "image"        # manifest column names
     caption_column: str = "caption"
-    max_shift: int = 4                 # training shift augmentation in pixels (no flips, no colour changes)
+    max_shift: int = 4                 # training shift augmentation in pixels (no flips)
+    recolour_share: float = 0.0        # demo world: share of objects repainted off-palette (omni/colours.py)
     image_resize: str = choice(*RESIZE_MODES)   # how any image becomes image_size square (omni/data/image.py)
     gallery_size: int = 100            # retrieval among consecutive chunks of this many pairs; 0 = whole split
     caption_weight: float = 1.0        # weight of the caption decoder's loss (when decoder_layers > 0)
@@ -49,7 +50,7 @@ class VisionStage(Stage):
             train = self.records(cfg.train_manifest)
             if not cfg.vocab:   # stored in config.json and every checkpoint, so inference rebuilds the same ids
                 cfg.vocab = build_vocab(r["caption"] for r in train)
-            self.train_data = self.dataset(train, cfg.max_shift)
+            self.train_data = self.dataset(train, train=True)
         self.val_data = self.dataset(self.records(cfg.val_manifest))
         self.test_data = self.dataset(self.records(cfg.test_manifest)) if cfg.test_manifest else None
         self.probe_groups = parse_probe_groups(cfg.probe_groups)
@@ -62,11 +63,13 @@ class VisionStage(Stage):
         columns = {"image": self.cfg.image_column, "caption": self.cfg.caption_column}
         return read_manifest(path, ["image", "caption"], columns)
 
-    def dataset(self, records, max_shift: int = 0) -> ImageCaptionDataset:
+    def dataset(self, records, train: bool = False) -> ImageCaptionDataset:
+        """Training data is augmented (shift, recolouring), evaluation data never."""
         cfg = self.cfg
-        return ImageCaptionDataset(records, image_size=cfg.image_size, max_shift=max_shift, resize=cfg.image_resize,
-                                   seed=cfg.seed,
-                                   strict=cfg.strict_data, augment=max_shift > 0)
+        shift, share = (cfg.max_shift, cfg.recolour_share) if train else (0, 0.0)
+        return ImageCaptionDataset(records, image_size=cfg.image_size, max_shift=shift, resize=cfg.image_resize,
+                                   recolour_share=share, seed=cfg.seed, strict=cfg.strict_data,
+                                   augment=shift > 0 or share > 0)
 
     def collate(self, samples):
         captions = [s["caption"] for s in samples]
