@@ -71,8 +71,9 @@ def drop_repainted(conversation: list[dict], removed: list[str]) -> list[dict]:
     ("red")."""
     kept = []
     for question, answer in zip(conversation[0::2], conversation[1::2]):
+        names_one = any(w in removed for w in question["content"].rstrip("?").split())
         reply = drop_words(answer["content"], removed)
-        if drop_words(question["content"].rstrip("?"), removed) == question["content"].rstrip("?") and reply:
+        if reply and not names_one:
             kept += [question, {**answer, "content": reply}]
     return kept
 

@@ -30,6 +30,11 @@ def non_negative(default):
     return field(default=default, metadata={"min": 0})
 
 
+def fraction(default: float = 0.0):
+    """A float field in [0, 1] (a share or a probability)."""
+    return field(default=default, metadata={"min": 0.0, "max": 1.0})
+
+
 def inherited():
     """An int key a stage takes from a checkpoint it loads: 0 (the default) inherits the value, any
     other value must equal it (`inherit`)."""
@@ -122,9 +127,11 @@ def _check_value(key: str, value, tp, f: dataclasses.Field):
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise UserError(f"config key '{key}': must be one of {', '.join(choices)}, got {value!r}")
-    low = f.metadata.get("min")
+    low, high = f.metadata.get("min"), f.metadata.get("max")
     if low is not None and value < low:
         raise UserError(f"config key '{key}': must be at least {low}, got {value!r}")
+    if high is not None and value > high:
+        raise UserError(f"config key '{key}': must be at most {high}, got {value!r}")
     return value
 
 

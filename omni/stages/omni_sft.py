@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omni.config import TrainConfig, choice, inherit, inherited
+from omni.config import TrainConfig, choice, fraction, inherit, inherited
 from omni.data.image import RESIZE_MODES
 from omni.data.common import require_files
 from omni.data.manifest import read_manifest
@@ -41,8 +41,8 @@ class OmniSFTConfig(TrainConfig):
     image_resize: str = choice(*RESIZE_MODES)   # as the vision stage was trained (omni/data/image.py)
     # Demo-world measures for colour-shape pairs held out from training (omni/colours.py, off for photos):
     colour_apart: bool = False      # the ViT sees silhouettes; patch colours are added after the projector
-    recolour_share: float = 0.0     # training objects repainted off-palette, questions on their colour dropped
-    answer_smoothing: float = 0.0   # first answer token of image questions: smoothed within its answer type
+    recolour_share: float = fraction()    # training objects repainted off-palette, turns on their colour dropped
+    answer_smoothing: float = fraction()  # image answers: first token smoothed within its answer type
     qa_eval_limit: int = 0          # answers generated per split for accuracy; 0 = all
     max_answer_tokens: int = 16
 

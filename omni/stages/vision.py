@@ -7,7 +7,7 @@ import torch
 
 from omni.config import TrainConfig
 from omni.data.common import require_files
-from omni.config import choice
+from omni.config import choice, fraction
 from omni.data.image import RESIZE_MODES, ImageCaptionDataset
 from omni.data.manifest import read_manifest
 from omni.metrics import fit_linear_probe, parse_probe_groups, retrieval_hits, single_option, swap_probes
@@ -25,7 +25,7 @@ class VisionConfig(TrainConfig, VisionArch):
     image_column: str = "image"        # manifest column names
     caption_column: str = "caption"
     max_shift: int = 4                 # training shift augmentation in pixels (no flips)
-    recolour_share: float = 0.0        # demo world: share of objects repainted off-palette (omni/colours.py)
+    recolour_share: float = fraction()  # demo world: share of objects repainted off-palette (omni/colours.py)
     image_resize: str = choice(*RESIZE_MODES)   # how any image becomes image_size square (omni/data/image.py)
     gallery_size: int = 100            # retrieval among consecutive chunks of this many pairs; 0 = whole split
     caption_weight: float = 1.0        # weight of the caption decoder's loss (when decoder_layers > 0)
