@@ -1,9 +1,10 @@
-"""Shape and colour kept apart (omni/colours.py): recolouring for Stage C, silhouettes and patch
-colours for Stage E."""
+"""Shape and colour kept apart: recolouring for stages C and E (omni/data/recolour.py), silhouettes
+and patch colours for Stage E (omni/colours.py)."""
 import torch
 from PIL import Image
 
-from omni.colours import COLOUR_SCALE, OFF_PALETTE, PALETTE, drop_repainted, patch_colours, recolour, silhouette
+from omni.colours import COLOUR_SCALE, patch_colours, silhouette
+from omni.data.recolour import OFF_PALETTE, PALETTE, drop_repainted, recolour
 from omni.data.image import ImageCaptionDataset
 from omni.data.world import COLOURS
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
 
-from omni.colours import drop_words, recolour
 from omni.data.manifest import ManifestDataset, SampleError, media_file
+from omni.data.recolour import drop_words, recolour
 
 
 RESIZE_MODES = ("squash", "center_crop", "pad")
@@ -74,7 +74,7 @@ class ImageCaptionDataset(ManifestDataset):
                  recolour_share: float = 0.0, **kw):
         super().__init__(records, **kw)
         self.image_size, self.max_shift, self.resize = image_size, max_shift, resize
-        self.recolour_share = recolour_share    # demo world only (omni/colours.py)
+        self.recolour_share = recolour_share    # demo world only (omni/data/recolour.py)
 
     def load(self, record, generator):
         caption = str(record["caption"]).strip()

@@ -1,11 +1,11 @@
 """SFT conversations, optionally with an image or a spoken question."""
 from __future__ import annotations
 
-from omni.colours import drop_repainted, recolour
 from omni.data.audio import read_audio
 from omni.features import LogMel, MelSpec
 from omni.data.image import read_image
 from omni.data.manifest import ManifestDataset, SampleError, read_manifest
+from omni.data.recolour import drop_repainted, recolour
 
 ROLES = ("user", "assistant")
 
@@ -34,7 +34,7 @@ class SFTDataset(ManifestDataset):
                  recolour_share: float = 0.0, **kw):
         super().__init__(records, **kw)
         self.image_size, self.spec, self.resize = image_size, spec, resize
-        self.recolour_share = recolour_share    # demo world only (omni/colours.py); needs augment
+        self.recolour_share = recolour_share    # demo world only (omni/data/recolour.py); needs augment
         self.logmel = LogMel(spec)
 
     def load(self, record, generator):
@@ -49,7 +49,7 @@ class SFTDataset(ManifestDataset):
         return sample
 
     def recolour(self, sample: dict, generator) -> None:
-        """Repaint objects off-palette and keep the turns still true (omni/colours.py); a sample left
+        """Repaint objects off-palette and keep the turns still true (omni/data/recolour.py); a sample left
         with no turn, or whose turns do not alternate user/assistant, keeps its image."""
         turns = sample["conversation"]
         if [t["role"] for t in turns] != list(ROLES) * (len(turns) // 2):

@@ -39,7 +39,7 @@ class OmniSFTConfig(TrainConfig):
     image_size: int = inherited()   # 0: the vision encoder's (vision_dir); saved filled in
     n_mels: int = inherited()       # 0: the audio encoder's (audio_enc_dir); saved filled in
     image_resize: str = choice(*RESIZE_MODES)   # as the vision stage was trained (omni/data/image.py)
-    # Demo-world measures for colour-shape pairs held out from training (omni/colours.py, off for photos):
+    # Demo-world options for colour-shape pairs held out from training (omni/colours.py, data/recolour.py):
     colour_apart: bool = False      # the ViT sees silhouettes; patch colours are added after the projector
     recolour_share: float = fraction()    # training objects repainted off-palette, turns on their colour dropped
     answer_smoothing: float = fraction()  # image answers: first token smoothed within its answer type

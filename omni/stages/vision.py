@@ -25,7 +25,7 @@ class VisionConfig(TrainConfig, VisionArch):
     image_column: str = "image"        # manifest column names
     caption_column: str = "caption"
     max_shift: int = 4                 # training shift augmentation in pixels (no flips)
-    recolour_share: float = fraction()  # demo world: share of objects repainted off-palette (omni/colours.py)
+    recolour_share: float = fraction()  # demo world: share of objects repainted off-palette (omni/data/recolour.py)
     image_resize: str = choice(*RESIZE_MODES)   # how any image becomes image_size square (omni/data/image.py)
     gallery_size: int = 100            # retrieval among consecutive chunks of this many pairs; 0 = whole split
     caption_weight: float = 1.0        # weight of the caption decoder's loss (when decoder_layers > 0)
