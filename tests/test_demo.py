@@ -128,8 +128,6 @@ def test_text_charset(out):
         for where, text in _written_texts(out, split):
             if where.startswith(("asr", "tts")):
                 assert SPOKEN.match(text), (where, text)
-            elif where.startswith("text/") and text.startswith("<user>"):   # an exchange in turn markers
-                assert world.CHAT_LINE_RE.match(text), (where, text)
             elif text:  # speech_qa user turns are empty: the question is the audio
                 assert world.LINE_RE.match(text), (where, text)
         for r in _jsonl(out / f"sft_{split}.jsonl"):
@@ -141,23 +139,6 @@ def test_text_charset(out):
 
 
 # ---- held-out generalization ----------------------------------------------------------------
-def test_corpus_exchanges_tokenize_as_stage_e_builds_its_prompts(out, tmp_path):
-    """Questions and chat in the text corpus are exchanges in the turn markers, asked with "?" (typed)
-    and without (as a transcript): a tokenizer trained on the corpus reads each as <user>, the pieces
-    of the question, <assistant>, the pieces of the answer: the ids of Stage E's sequences."""
-    from omni.tokenizer import Tokenizer
-    path = out / "text" / "train.txt"
-    exchanges = [line for line in path.read_text().splitlines() if line.startswith("<user>")]
-    questions = [line[len("<user> "):].split("<assistant> ")[0] for line in exchanges]
-    assert any(q.endswith("?") for q in questions) and any(not q.endswith("?") for q in questions)
-    tok = Tokenizer.train([str(path)], str(tmp_path / "t.model"), 160)
-    for line in exchanges:
-        question, answer = line[len("<user> "):].split("<assistant> ")
-        lone_space, *ids = tok.encode(line)       # SentencePiece's prefix space before a leading marker
-        assert tok.sp.id_to_piece(lone_space) == "\u2581"
-        assert ids == [tok.special["<user>"], *tok.encode(question), tok.special["<assistant>"], *tok.encode(answer)]
-
-
 def test_heldout_items_absent_from_train_val_present_in_test(out):
     held = json.loads((out / "world.json").read_text())["heldout"]
     pairs = held["colour_shape_phrases"]

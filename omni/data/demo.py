@@ -26,8 +26,7 @@ import soundfile as sf
 
 from omni.data import speech, world
 
-GENERATOR_VERSION = 4   # 2: SFT records carry a topic; captioning conversations. 3: multi-turn image QA in train.
-                        # 4: the text corpus writes questions and chat as exchanges in the turn markers
+GENERATOR_VERSION = 3   # 2: SFT records carry a topic; captioning conversations. 3: multi-turn image QA in train
 SPLITS = ("train", "val", "test")
 # Per split (train, val, test).  image_qa/text_sft/speech_qa are SFT record counts.
 SIZE_COUNTS = {
@@ -153,18 +152,15 @@ class _Builder:
                 line += " " + " ".join(self.image_qa(rng, split, scene)[0][:2])
             return line
         if kind == "chat":
-            return world.chat_line(*rng.choice(world.CHAT))
+            return " ".join(rng.choice(world.CHAT))
         fact = self.fact(rng, split)
-        if kind == "statement":
-            return fact.statement
-        # Asked as typed (with "?") or as a spoken question reaches Stage E (its transcript, without).
-        return world.chat_line(world.as_question(fact.question) if rng.random() < 0.5 else fact.question, fact.answer)
+        return fact.statement if kind == "statement" else f"{world.as_question(fact.question)} {fact.answer}"
 
     def text_corpus(self, split) -> None:
         rng = _rng(self.seed, split, "text")
         lines = [self.corpus_line(rng, split) for _ in range(self.counts["text"][split])]
         for line in lines:
-            if not (world.LINE_RE.match(line) or world.CHAT_LINE_RE.match(line)):
+            if not world.LINE_RE.match(line):
                 raise AssertionError(f"bad corpus line {line!r}")
         (self.root / "text" / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="ascii")
         self.stats[split]["text_lines"] = len(lines)

@@ -44,8 +44,6 @@ GAP = 2  # minimum free pixels between two shapes' bounding boxes
 SPOKEN_RE = re.compile(r"^[a-z]+( [a-z]+)*$")
 QUESTION_RE = re.compile(r"^[a-z]+( [a-z]+)*\?$")
 LINE_RE = re.compile(r"^[a-z]+( [a-z]+)*(\?( [a-z]+)*)?$")
-# A question and its answer in the turn markers of Stage E's conversations (omni/omni_model.py):
-CHAT_LINE_RE = re.compile(r"^<user> [a-z]+( [a-z]+)*\??<assistant> [a-z]+( [a-z]+)*$")
 
 
 @dataclass
@@ -96,8 +94,8 @@ def sum_phrases(pairs) -> list:
 
 
 def mentions(text: str, phrase: str) -> bool:
-    """Whole-word containment, ignoring question marks and turn markers."""
-    return f" {phrase} " in f" {re.sub(r'[?]|<user>|<assistant>', ' ', text)} "
+    """Whole-word containment, ignoring the question mark."""
+    return f" {phrase} " in f" {text.replace('?', ' ')} "
 
 
 # ----------------------------------------------------------------------------------------
@@ -292,14 +290,6 @@ def knowledge() -> list:
 
 def is_heldout_fact(fact: Fact, heldout_sums: list) -> bool:
     return fact.sum_pair is not None and fact.sum_pair in set(heldout_sums)
-
-
-def chat_line(question: str, answer: str) -> str:
-    """A corpus line that is one exchange as Stage E writes it, "<user> question<assistant> answer"
-    (SentencePiece reads the markers as the tokenizer's special tokens): the Thinker learns in Stage A
-    where an answer starts, so SFT need not move its arithmetic to a new place and unlearn the sums it
-    never saw (docs/stage_e_sft.md)."""
-    return f"<user> {question}<assistant> {answer}"
 
 
 def as_question(spoken: str) -> str:

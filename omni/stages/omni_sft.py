@@ -35,7 +35,6 @@ class OmniSFTConfig(TrainConfig):
     freeze_encoders: bool = True
     train_vision: bool = False      # train the vision encoder even when freeze_encoders is true
     freeze_thinker: bool = False
-    freeze_thinker_mlp: bool = False     # the Thinker's MLPs keep Stage A's weights; attention, norms, embeddings train
     audio_transcript: bool = False  # also write Stage B's CTC transcript of the audio into the prompt
     image_size: int = inherited()   # 0: the vision encoder's (vision_dir); saved filled in
     n_mels: int = inherited()       # 0: the audio encoder's (audio_enc_dir); saved filled in
@@ -123,12 +122,6 @@ class OmniSFTStage(Stage):
             else:
                 enc.to(rt.device).eval()
         thinker.requires_grad_(not cfg.freeze_thinker)
-        if cfg.freeze_thinker_mlp:
-            # What Stage A generalised (sums it never saw) sits in weights that training on image
-            # questions at full rate rewrites in its first thousand steps; the binding of a question
-            # to an image token is attention's work (docs/stage_e_sft.md, "the held-out sums").
-            for block in thinker.body.blocks:
-                block.mlp.requires_grad_(False)
 
         kw = {"image_size": cfg.image_size, "spec": MelSpec(n_mels=cfg.n_mels), "resize": cfg.image_resize,
               "strict": cfg.strict_data, "seed": cfg.seed}
