@@ -1,6 +1,6 @@
 """The suite's speed figures, each beside a baseline measured in the same process.
 
-    python bench/run.py [--quick] [--config configs/thinker_tiny.json] [--rounds 5]
+    python bench/run.py [--quick] [--config configs/thinker_tiny.json] [--rounds 5] [--device cuda]
 
 Prints one table (figure, value, baseline, ratio = value / baseline); docs/bench.md holds the
 figures of one machine and what each change gave.
@@ -10,7 +10,10 @@ figures of one machine and what each change gave.
   train           Stage A training steps (omni.train.loop.train_step, on random tokens at the config's
                   dims) with the speed options; baseline: the eager fp32 path of adamw_impl=auto
   peak fraction   achieved training FLOP/s (6 * parameters * tokens + attention) over the FLOP/s of
-                  a large fp32 matmul loop, compiled fp32 against eager
+                  a large fp32 matmul loop, compiled fp32 against eager (on CUDA: a bf16 matmul
+                  loop, compiled bf16 autocast against bf16 autocast)
+  peak memory     (CUDA only) the most GPU memory one variant's steps held, its weights, gradients
+                  and AdamW moments included, against the eager fp32 step
   checkpoint save omni.checkpoint.save (temp file, fsync, rename) of a full training payload;
                   baseline: a plain torch.save of the same payload (a time: below 1 is faster)
   checkpoint MB   the full payload (weights, AdamW moments, RNG, data position) against weights only
@@ -54,6 +57,7 @@ TRAIN_VARIANTS = {
     "compile": ([], True),
     "compile + bf16 autocast": (["amp=bf16"], True),
 }
+CUDA_VARIANTS = {"fp16 autocast + GradScaler": (["amp=fp16"], False)}
 
 
 class RandomTextStage(TextStage):
@@ -71,7 +75,7 @@ class TrainRun:
     """One trainer and its batches; `round(steps)` returns tokens/s."""
 
     def __init__(self, cfg, compiled: bool, compile_options: dict):
-        self.cfg = cfg
+        self.cfg, self.cuda = cfg, cfg.device == "cuda"
         stage = RandomTextStage(cfg, setup_runtime(cfg))
         self.trainer = build_trainer(stage, ResumeOptions(resume=False))
         compile_modules(stage, dataclasses.replace(cfg, compile=compiled), **compile_options)
@@ -79,10 +83,34 @@ class TrainRun:
         self.batches = iter(make_loader(stage.train_data, sampler, stage))
 
     def round(self, steps: int) -> float:
+        sync(self.cuda)
         start = time.perf_counter()
         for _ in range(steps):
             train_step(self.trainer, self.batches)
+        sync(self.cuda)
         return steps * self.cfg.batch_size * self.cfg.seq_len / (time.perf_counter() - start)
+
+
+def sync(cuda: bool) -> None:
+    """Wait for the GPU's queued kernels, so that a timer reads the work done, not the work queued."""
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def build_runs(configs: dict, variants: dict, compile_options: dict) -> tuple[dict, dict]:
+    """name -> TrainRun, each warmed up (compilation, allocator, first steps); and on CUDA
+    name -> the most bytes its construction and warm-up held beyond what was allocated before it."""
+    runs, peaks = {}, {}
+    for name, (_, compiled) in variants.items():
+        cuda = configs[name].device == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        runs[name] = TrainRun(configs[name], compiled, compile_options)
+        runs[name].round(2)
+        if cuda:
+            peaks[name] = torch.cuda.max_memory_allocated() - before
+    return runs, peaks
 
 
 def best_of_rounds(runs: dict, rounds: int, measure) -> dict:
@@ -98,14 +126,19 @@ class MatmulPeak:
     """`round()` returns the FLOP/s of a large fp32 matmul loop: what BLAS reaches on this
     process's threads. Timed in turn with the training rounds, so both see the same machine load."""
 
-    def __init__(self, quick: bool):
-        n = 256 if quick else 1024
-        self.a, self.b, self.reps = torch.randn(n, n), torch.randn(n, n), 4 if quick else 10
+    def __init__(self, quick: bool, device: str):
+        self.cuda = device == "cuda"
+        n = 256 if quick else 8192 if self.cuda else 1024
+        dtype = torch.bfloat16 if self.cuda else torch.float32    # what the GPU's tensor cores run
+        self.a, self.b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        self.reps = 4 if quick else 10
 
     def round(self, _steps: int = 0) -> float:
+        sync(self.cuda)
         start = time.perf_counter()
         for _ in range(self.reps):
             self.a @ self.b
+        sync(self.cuda)
         return 2 * self.a.shape[0] ** 3 * self.reps / (time.perf_counter() - start)
 
 
@@ -121,8 +154,8 @@ def decode_speeds(cfg, new_tokens: int, rounds: int) -> tuple[float, float]:
     arch = ThinkerArch.from_config(cfg)
     arch.max_seq_len = max(arch.max_seq_len, prompt_len + new_tokens)
     torch.manual_seed(0)
-    model = Thinker(arch).eval()
-    prompt = torch.randint(0, arch.vocab_size, (1, prompt_len))
+    model = Thinker(arch).eval().to(cfg.device)
+    prompt = torch.randint(0, arch.vocab_size, (1, prompt_len)).to(cfg.device)
 
     def speed(use_cache: bool) -> float:
         start = time.perf_counter()
@@ -150,34 +183,41 @@ def main():
     p.add_argument("--quick", action="store_true", help="tiny dims, a few seconds: checks the harness runs")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=8, help="training steps per round")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     rounds, steps, new_tokens = (1, 2, 32) if args.quick else (args.rounds, args.steps, 256)
     compile_options = {"backend": "eager"} if args.quick else {}
+    cuda = args.device == "cuda"
+    variants = {**TRAIN_VARIANTS, **(CUDA_VARIANTS if cuda else {})}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        base = [f"save_dir={tmp}", "device=cpu", "progress=false"] + (QUICK if args.quick else [])
+        # amp and compile off unless a variant sets them: a config's own (the base ones: bf16) is no baseline
+        base = [f"save_dir={tmp}", f"device={args.device}", "progress=false", "amp=off", "compile=false"] + \
+            (QUICK if args.quick else [])
         configs = {name: load_config(RandomTextStage.config_class, args.config, base + overrides)
-                   for name, (overrides, _) in TRAIN_VARIANTS.items()}
+                   for name, (overrides, _) in variants.items()}
         cfg = configs["eager"]
 
         cached, plain = decode_speeds(cfg, new_tokens, rounds)
         rows.append((f"decode tokens/s, static KV cache ({new_tokens} new; baseline no cache)", cached, plain))
 
-        runs = {name: TrainRun(configs[name], compiled, compile_options)
-                for name, (_, compiled) in TRAIN_VARIANTS.items()}
-        for run in runs.values():
-            run.round(2)                                    # warm-up: compilation, allocator, first steps
-        runs["peak"] = MatmulPeak(args.quick)
+        runs, memory = build_runs(configs, variants, compile_options)
+        runs["peak"] = MatmulPeak(args.quick, args.device)
         speeds = best_of_rounds(runs, rounds, lambda run: run.round(steps))
-        for name in list(TRAIN_VARIANTS)[1:]:
+        for name in list(variants)[1:]:
             rows.append((f"train tokens/s, {name} (baseline eager fp32)", speeds[name], speeds["eager"]))
 
         trainer = runs["eager"].trainer
         params = sum(p.numel() for p in trainer.stage.parameters())
         peak = speeds["peak"]
         flops = training_flops_per_token(cfg, params)
-        rows.append(("fraction of fp32 matmul peak, compile (baseline eager)",
-                     speeds["compile"] * flops / peak, speeds["eager"] * flops / peak))
+        # the fastest path against the matmul rate of its own precision
+        fast, slow = ("compile + bf16 autocast", "bf16 autocast") if cuda else ("compile", "eager")
+        rows.append((f"fraction of {'bf16' if cuda else 'fp32'} matmul peak, {fast} (baseline {slow})",
+                     speeds[fast] * flops / peak, speeds[slow] * flops / peak))
+        for name in list(memory)[1:]:
+            rows.append((f"peak GPU memory GB, {name} (baseline eager fp32)", memory[name] / 1e9,
+                         memory["eager"] / 1e9))
 
         suite_s, plain_s = save_times(trainer.payload(full=True), tmp, 1 if args.quick else 3)
         rows.append(("checkpoint save ms (baseline plain torch.save)", 1000 * suite_s, 1000 * plain_s))
@@ -186,9 +226,15 @@ def main():
         rows.append(("checkpoint MB, full (baseline weights only)", full_mb, weights_mb))
 
     print(f"Thinker d_model {cfg.d_model}, {cfg.n_layers} layers, vocab {cfg.vocab_size}, {params / 1e6:.2f}M "
-          f"parameters; train batch {cfg.batch_size} x {cfg.seq_len}; {torch.get_num_threads()} threads; "
-          f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s{'; --quick' if args.quick else ''}")
+          f"parameters; train batch {cfg.batch_size} x {cfg.seq_len}; {where(cuda)}; "
+          f"{'bf16' if cuda else 'fp32'} matmul peak {peak / 1e9:.1f} GFLOP/s{'; --quick' if args.quick else ''}")
     print_table(rows)
+
+
+def where(cuda: bool) -> str:
+    if cuda:
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def print_table(rows) -> None:

@@ -214,7 +214,7 @@ def pad_stack(tensors, value=0.0):
     """Stack tensors of shape [T_i, ...] into [B, T_max, ...] and a mask [B, T_max] (True = real)."""
     longest = max(t.shape[0] for t in tensors)
     out = tensors[0].new_full((len(tensors), longest, *tensors[0].shape[1:]), value)
-    mask = torch.zeros(len(tensors), longest, dtype=torch.bool)
+    mask = torch.zeros(len(tensors), longest, dtype=torch.bool, device=out.device)
     for i, t in enumerate(tensors):
         out[i, :t.shape[0]] = t
         mask[i, :t.shape[0]] = True

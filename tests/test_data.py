@@ -129,6 +129,8 @@ def test_pad_stack_shapes_and_masks():
     padded, mask = pad_stack([torch.ones(3, 2), torch.ones(5, 2), torch.ones(1, 2)], value=-1.0)
     assert padded.shape == (3, 5, 2) and mask.sum(1).tolist() == [3, 5, 1]
     assert (padded[~mask] == -1).all() and (padded[mask] == 1).all()
+    # the mask lives where the tensors do (a CPU mask stopped the Talker on a GPU); meta stands in
+    assert pad_stack([torch.ones(2, 2, device="meta")])[1].device.type == "meta"
 
 
 class CaptionColourStage(Stage):
