@@ -123,8 +123,9 @@ def best_of_rounds(runs: dict, rounds: int, measure) -> dict:
 
 
 class MatmulPeak:
-    """`round()` returns the FLOP/s of a large fp32 matmul loop: what BLAS reaches on this
-    process's threads. Timed in turn with the training rounds, so both see the same machine load."""
+    """`round()` returns the FLOP/s of a large matmul loop, fp32 on the CPU (what BLAS reaches on
+    this process's threads) and bf16 on CUDA (the tensor cores' rate). Timed in turn with the
+    training rounds, so both see the same machine load."""
 
     def __init__(self, quick: bool, device: str):
         self.cuda = device == "cuda"
