@@ -199,7 +199,8 @@ def load_omni(ckpt_dir: str, device):
     d = thinker.arch.d_model
     model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d),
                       Projector(vision.out_dim, d, colour=config.get("colour_apart", False)),
-                      audio_enc, vision, reader if config.get("audio_transcript") else None)
+                      audio_enc, vision, reader if config.get("audio_transcript") else None,
+                      audio_frames=config.get("audio_frames", True))
     parts = model.parts()
     for key, state in weights.items():
         parts[key].load_state_dict(state)

@@ -6,7 +6,8 @@ A conversation becomes one embedding sequence:
 
 where v_i are the vision encoder's tokens and a_j the audio encoder's frames, each mapped to the
 Thinker's width by a small MLP (proj_v, proj_a); `heard` (Stage B's greedy CTC transcript of the
-same frames) is there when the model has a transcriber. Media attach to the first user turn;
+same frames) is there when the model has a transcriber; without `audio_frames` the a_j are left
+out and `heard` alone carries the question. Media attach to the first user turn;
 later turns repeat `<user> question <assistant> answer </s>`. Training predicts only the answer tokens and
 their closing </s>; generation stops at </s>. The same code builds sequences for SFT and for
 inference, so the two cannot drift apart.
@@ -110,11 +111,14 @@ class Media:
 class OmniModel(nn.Module):
     def __init__(self, thinker: Thinker, tokenizer: Tokenizer, proj_a: Projector, proj_v: Projector,
                  audio_encoder: nn.Module | None = None, vision_encoder: nn.Module | None = None,
-                 transcriber: nn.Module | None = None):
+                 transcriber: nn.Module | None = None, audio_frames: bool = True):
         super().__init__()
         self.thinker, self.proj_a, self.proj_v = thinker, proj_a, proj_v
         self.audio_encoder, self.vision_encoder = audio_encoder, vision_encoder
         self.transcriber = transcriber   # (hidden, mask) -> texts; never trained
+        # False: the frames are left out and the transcript alone carries a spoken question
+        # (<audio></audio> then stays in the prompt as the sign that the question was spoken).
+        self.audio_frames = audio_frames
         self.tok = tokenizer
 
     @property
@@ -149,10 +153,11 @@ class OmniModel(nn.Module):
             for row, i in enumerate(has_img):
                 media[i].image = projected[row]
         if has_aud:
-            projected = self.proj_a(hidden)
+            projected = self.proj_a(hidden) if self.audio_frames else None
             heard = self.transcriber(hidden, hmask) if self.transcriber is not None else [""] * len(has_aud)
             for row, i in enumerate(has_aud):
-                media[i].audio, media[i].transcript = projected[row][hmask[row]], heard[row]
+                media[i].audio = projected[row][hmask[row]] if projected is not None else self._ids([])
+                media[i].transcript = heard[row]
         return media
 
     @staticmethod

@@ -99,6 +99,35 @@ def test_a_transcriber_writes_what_it_heard_before_the_typed_question(model):
     assert typed.shape[1] == len(model.tok.encode("what is two plus two please")) + plain.shape[1]
 
 
+def test_without_audio_frames_the_transcript_alone_carries_a_spoken_question(model):
+    """audio_frames false: <audio></audio> and the words heard, no frames; proj_a is never used."""
+    mel = torch.randn(10, 6)
+    model.transcriber = FakeReader()
+    try:
+        with_frames = model.prompt_embeddings("", model.encode_media([None], [mel])[0])
+        model.audio_frames = False
+        media = model.encode_media([None], [mel])[0]
+        loss, _ = model.batch_loss([{"conversation": conversation("", "four"), "image": None, "mel": mel}])
+    finally:
+        model.transcriber, model.audio_frames = None, True
+    sp, words = model.tok.special, model.tok.encode("what is two plus two")
+    assert media.audio.shape == (0, 16) and media.transcript == "what is two plus two"
+    prompt = model.prompt_embeddings("", media)[0]
+    expected = [model.tok.bos_id, sp["<user>"], sp["<audio>"], sp["</audio>"]] + words + [sp["<assistant>"]]
+    assert torch.equal(prompt, model._ids(expected))
+    assert with_frames.shape[1] == prompt.shape[0] + 5            # the 5 frames of a 10-step mel
+    loss.backward()
+    assert model.proj_a.net[0].weight.grad is None and loss.isfinite()
+
+
+def test_audio_frames_off_needs_the_transcript():
+    from omni.config import UserError
+    from omni.stages.omni_sft import OmniSFTConfig
+    assert OmniSFTConfig(audio_frames=False, audio_transcript=True).audio_frames is False
+    with pytest.raises(UserError, match="config key 'audio_frames'"):
+        OmniSFTConfig(audio_frames=False, audio_transcript=False)
+
+
 def test_answer_counts_per_kind_topic_and_caption_words():
     from omni.stages.omni_sft import AnswerCounts
     records = [{"kind": "image_qa", "topic": "colour"}, {"kind": "image_qa", "topic": "shape"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omni.config import TrainConfig, choice, fraction, inherit, inherited
+from omni.config import TrainConfig, UserError, choice, fraction, inherit, inherited
 from omni.data.image import RESIZE_MODES
 from omni.data.common import require_files
 from omni.data.manifest import read_manifest
@@ -36,6 +36,7 @@ class OmniSFTConfig(TrainConfig):
     train_vision: bool = False      # train the vision encoder even when freeze_encoders is true
     freeze_thinker: bool = False
     audio_transcript: bool = False  # also write Stage B's CTC transcript of the audio into the prompt
+    audio_frames: bool = True       # false: a spoken question reaches the Thinker as that transcript alone
     image_size: int = inherited()   # 0: the vision encoder's (vision_dir); saved filled in
     n_mels: int = inherited()       # 0: the audio encoder's (audio_enc_dir); saved filled in
     image_resize: str = choice(*RESIZE_MODES)   # as the vision stage was trained (omni/data/image.py)
@@ -45,6 +46,12 @@ class OmniSFTConfig(TrainConfig):
     answer_smoothing: float = fraction()  # image answers: first token smoothed within its answer type
     qa_eval_limit: int = 0          # answers generated per split for accuracy; 0 = all
     max_answer_tokens: int = 16
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.audio_frames and not self.audio_transcript:
+            raise UserError("config key 'audio_frames': false needs audio_transcript true "
+                            "(a spoken question would reach the Thinker empty)")
 
 
 def figure_names(kind: str, topic: str | None) -> list[str]:
@@ -111,7 +118,8 @@ class OmniSFTStage(Stage):
         d = thinker.arch.d_model
         self.model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d),
                                Projector(vision.out_dim, d, colour=cfg.colour_apart),
-                               audio_enc, vision, reader.requires_grad_(False) if cfg.audio_transcript else None)
+                               audio_enc, vision, reader.requires_grad_(False) if cfg.audio_transcript else None,
+                               audio_frames=cfg.audio_frames)
         self.modules = {"thinker": thinker, "proj_a": self.model.proj_a, "proj_v": self.model.proj_v}
         self.trained_encoders = tuple(name for name in ("audio_enc", "vision")
                                       if not cfg.freeze_encoders or (name == "vision" and cfg.train_vision))
@@ -122,6 +130,7 @@ class OmniSFTStage(Stage):
             else:
                 enc.to(rt.device).eval()
         thinker.requires_grad_(not cfg.freeze_thinker)
+        self.model.proj_a.requires_grad_(cfg.audio_frames)     # without frames it is never used
 
         kw = {"image_size": cfg.image_size, "spec": MelSpec(n_mels=cfg.n_mels), "resize": cfg.image_resize,
               "strict": cfg.strict_data, "seed": cfg.seed}
