@@ -103,6 +103,7 @@ def test_without_audio_frames_the_transcript_alone_carries_a_spoken_question(mod
     """audio_frames false: <audio></audio> and the words heard, no frames; proj_a is never used."""
     mel = torch.randn(10, 6)
     model.transcriber = FakeReader()
+    model.zero_grad(set_to_none=True)
     try:
         with_frames = model.prompt_embeddings("", model.encode_media([None], [mel])[0])
         model.audio_frames = False
