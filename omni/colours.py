@@ -31,3 +31,58 @@ def patch_colours(images: torch.Tensor, num_tokens: int) -> torch.Tensor:
     grid = round((num_tokens - 1) ** 0.5)
     means = F.avg_pool2d(images, images.shape[-1] // grid).flatten(2).transpose(1, 2)
     return torch.cat([means.new_zeros(images.shape[0], 1, 3), means * COLOUR_SCALE], dim=1)
+
+
+# ---------------------------------------------------------------- object tokens (Stage E's object_tokens)
+# One token per object instead of one per patch: the ViT's patch tokens averaged over the patches
+# the object covers (weighted by how much of each it covers), with the object's mean colour, centre
+# and extent beside them. Finding "the circle" among three objects is then a choice among three
+# clean shape codes, not among 64 patches whose shape evidence is partial and whose colour can stand
+# in for it (docs/stage_e_sft.md, "Object tokens").
+MAX_OBJECTS = 8     # the largest objects first; the demo world draws one to three
+MIN_PIXELS = 4      # smaller foreground regions are noise, not objects
+DESCRIPTOR = 6      # colour (3), centre (2), extent (1)
+
+
+def object_masks(images: torch.Tensor) -> list[torch.Tensor]:
+    """Per image, [K, H, W] bool: its objects, the 8-connected regions of foreground (pixels unlike
+    the top-left one), largest first, at most MAX_OBJECTS of at least MIN_PIXELS."""
+    background = images[:, :, :1, :1]
+    foreground = ((images - background).abs().amax(1, keepdim=True) > FOREGROUND).float()   # float32: exact labels
+    b, _, h, w = foreground.shape
+    index = torch.arange(1, h * w + 1, dtype=torch.float32, device=images.device).reshape(1, 1, h, w)
+    labels = foreground * index
+    while True:   # every pixel takes the largest label among its neighbours until the regions agree
+        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * foreground
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    masks = []
+    for image_labels in labels[:, 0]:
+        regions = [image_labels == v for v in image_labels.unique() if v > 0]
+        regions = sorted((m for m in regions if m.sum() >= MIN_PIXELS), key=lambda m: -int(m.sum()))
+        masks.append(torch.stack(regions[:MAX_OBJECTS]) if regions else images.new_zeros(0, h, w, dtype=torch.bool))
+    return masks
+
+
+def object_tokens(images: torch.Tensor, feats: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image, (tokens [1+K, D], descriptors [1+K, DESCRIPTOR]) from ViT features [B, 1+P, D]
+    (CLS, then the patches row by row): the CLS token with a zero descriptor, then each object's
+    coverage-weighted mean of patch tokens with its mean colour (x COLOUR_SCALE), centre (x, y in
+    [-1, 1]) and extent (sqrt of its share of the image, x 2)."""
+    grid = round((feats.shape[1] - 1) ** 0.5)
+    h, w = images.shape[-2:]
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=images.device),
+                            torch.linspace(-1, 1, w, device=images.device), indexing="ij")
+    out = []
+    for image, patches, cls, masks in zip(images, feats[:, 1:], feats[:, :1], object_masks(images)):
+        m = masks.to(feats.dtype)                                       # [K, H, W]
+        cover = F.adaptive_avg_pool2d(m[:, None], grid).flatten(1)      # [K, P]: share of each patch
+        pooled = (cover @ patches) / cover.sum(1, keepdim=True).clamp_min(1e-6)
+        area = m.flatten(1).sum(1).clamp_min(1)
+        colour = (m.flatten(1) @ image.flatten(1).T) / area[:, None]
+        centre = torch.stack([(m * xs).flatten(1).sum(1), (m * ys).flatten(1).sum(1)], 1) / area[:, None]
+        extent = 2 * (area / (h * w)).sqrt()[:, None]
+        descriptors = torch.cat([colour * COLOUR_SCALE, centre, extent], 1)
+        out.append((torch.cat([cls, pooled]), torch.cat([descriptors.new_zeros(1, DESCRIPTOR), descriptors])))
+    return out

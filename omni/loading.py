@@ -24,7 +24,7 @@ from omni.codec import CodecArch, GriffinLimVocoder, SpeechCodec
 from omni.config import UserError
 from omni.features import MelSpec
 from omni.generation import Speaker, write_wav
-from omni.omni_model import OmniModel, Projector
+from omni.omni_model import OmniModel, Projector, vision_projector
 from omni.registry import STAGES, StageSpec, prefixes
 from omni.talker import Talker, TalkerArch
 from omni.thinker import Thinker, ThinkerArch
@@ -198,9 +198,10 @@ def load_omni(ckpt_dir: str, device):
     thinker, tokenizer, audio_enc, vision, reader = load_omni_parts(*dirs, device)
     d = thinker.arch.d_model
     model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d),
-                      Projector(vision.out_dim, d, colour=config.get("colour_apart", False)),
+                      vision_projector(vision.out_dim, d, config.get("colour_apart", False),
+                                       config.get("object_tokens", False)),
                       audio_enc, vision, reader if config.get("audio_transcript") else None,
-                      audio_frames=config.get("audio_frames", True))
+                      audio_frames=config.get("audio_frames", True), objects=config.get("object_tokens", False))
     parts = model.parts()
     for key, state in weights.items():
         parts[key].load_state_dict(state)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from omni.colours import patch_colours, silhouette
+from omni.colours import DESCRIPTOR, object_tokens, patch_colours, silhouette
 from omni.layers import pad_stack
 from omni.thinker import Thinker
 from omni.tokenizer import Tokenizer
@@ -29,22 +29,30 @@ IGNORE = -100
 
 class Projector(nn.Module):
     """Encoder features -> Thinker embeddings: Linear, GELU, Linear. With `colour` (the vision
-    projector under Stage E's colour_apart, omni/colours.py) each token also gets its patch's mean
-    colour added through an MLP of its own: colour beside shape, never fused with it. (An MLP, not
+    projector under Stage E's colour_apart, omni/colours.py: the width of each token's colour
+    descriptor, 3 for a patch's mean colour, 6 for an object's colour, centre and extent) each token
+    also gets its descriptor added through an MLP of its own: colour beside shape, never fused with it. (An MLP, not
     a linear map: attention scores are linear in what they read, and a linear colour embedding
     cannot make "red" score above every other colour the training images hold, so "the red one"
     could not be found; measured in docs/stage_e_sft.md.)"""
 
-    def __init__(self, in_dim: int, out_dim: int, colour: bool = False):
+    def __init__(self, in_dim: int, out_dim: int, colour: int = 0):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-        self.colour = nn.Sequential(nn.Linear(3, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)) if colour else None
+        self.colour = (nn.Sequential(nn.Linear(colour, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+                       if colour else None)
 
     def forward(self, x, colours: torch.Tensor | None = None):
-        """x [..., in_dim]; colours [..., 3] (patch colours) when the projector has a colour map."""
+        """x [..., in_dim]; colours [..., colour] (the descriptors) when the projector has a colour map."""
         if (colours is None) != (self.colour is None):
             raise ValueError("patch colours go with a colour projector (colour_apart), and only with one")
         return self.net(x) if colours is None else self.net(x) + self.colour(colours)
+
+
+def vision_projector(in_dim: int, out_dim: int, colour_apart: bool, objects: bool) -> Projector:
+    """proj_v as Stage E's options shape it: a colour map of patch colours (colour_apart) or of
+    object descriptors (object_tokens), or none."""
+    return Projector(in_dim, out_dim, colour=(DESCRIPTOR if objects else 3) if colour_apart else 0)
 
 
 def question_answer_pairs(conversation: list[dict]) -> list[tuple[str | None, str]]:
@@ -111,7 +119,7 @@ class Media:
 class OmniModel(nn.Module):
     def __init__(self, thinker: Thinker, tokenizer: Tokenizer, proj_a: Projector, proj_v: Projector,
                  audio_encoder: nn.Module | None = None, vision_encoder: nn.Module | None = None,
-                 transcriber: nn.Module | None = None, audio_frames: bool = True):
+                 transcriber: nn.Module | None = None, audio_frames: bool = True, objects: bool = False):
         super().__init__()
         self.thinker, self.proj_a, self.proj_v = thinker, proj_a, proj_v
         self.audio_encoder, self.vision_encoder = audio_encoder, vision_encoder
@@ -119,6 +127,9 @@ class OmniModel(nn.Module):
         # False: the frames are left out and the transcript alone carries a spoken question
         # (<audio></audio> then stays in the prompt as the sign that the question was spoken).
         self.audio_frames = audio_frames
+        # True (Stage E's object_tokens; needs a colour projector): one image token per object
+        # (omni/colours.py) after the CLS token, instead of one per patch.
+        self.objects = objects
         self.tok = tokenizer
 
     @property
@@ -149,7 +160,11 @@ class OmniModel(nn.Module):
                 mel, mask = pad_stack([mels[i] for i in has_aud])
                 hidden, hmask = self._need(self.audio_encoder, "audio")(mel.to(self.device), mask.to(self.device))
         if has_img:
-            projected = self.proj_v(feats, patch_colours(stacked, feats.shape[1]) if apart else None)
+            if self.objects:     # variable length: project all images' object tokens at once, then split
+                tokens, descriptors = zip(*object_tokens(stacked, feats))
+                projected = self.proj_v(torch.cat(tokens), torch.cat(descriptors)).split([len(t) for t in tokens])
+            else:
+                projected = self.proj_v(feats, patch_colours(stacked, feats.shape[1]) if apart else None)
             for row, i in enumerate(has_img):
                 media[i].image = projected[row]
         if has_aud:

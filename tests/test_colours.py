@@ -3,7 +3,7 @@ and patch colours for Stage E (omni/colours.py)."""
 import torch
 from PIL import Image
 
-from omni.colours import COLOUR_SCALE, patch_colours, silhouette
+from omni.colours import COLOUR_SCALE, DESCRIPTOR, object_masks, object_tokens, patch_colours, silhouette
 from omni.data.recolour import OFF_PALETTE, PALETTE, drop_repainted, recolour
 from omni.data.image import ImageCaptionDataset
 from omni.data.world import COLOURS
@@ -57,6 +57,43 @@ def test_patch_colours_follow_the_vits_patch_order_after_a_blank_cls():
     red = torch.tensor(COLOURS["red"], dtype=torch.float) / 127.5 - 1.0
     assert torch.allclose(colours[0, 1 + 1 * 8 + 1], red * COLOUR_SCALE, atol=1e-5)
     assert colours[0, 1 + 6 * 8 + 6, 2] > colours[0, 1 + 6 * 8 + 6, 0]       # blue at the bottom right
+
+
+def test_objects_are_the_connected_foreground_regions_largest_first():
+    img = scene()
+    rgb = to_rgb(img)
+    rgb[:, 40:56, 4:20] = torch.tensor(COLOURS["green"], dtype=torch.float)[:, None, None]   # a third, 16 x 16
+    rgb[:, 30:33, 30:32] = torch.tensor(COLOURS["green"], dtype=torch.float)[:, None, None]  # 6 px: an object
+    rgb[:, 60, 2] = torch.tensor(COLOURS["red"], dtype=torch.float)                        # 1 px: noise
+    # a diagonal tail: 8-connected to the red block, so part of it
+    for k in range(4):
+        rgb[:, 24 + k, 24 + k] = torch.tensor(COLOURS["red"], dtype=torch.float)
+    masks = object_masks(torch.stack([rgb / 127.5 - 1.0, img]))
+    assert [m.sum((1, 2)).tolist() for m in masks] == [[16 * 16 + 4, 16 * 16, 16 * 16, 6], [256, 256]]
+    assert masks[0][0, 8:24, 8:24].all() and masks[0][0, 27, 27]                # the red block and its tail
+    assert not masks[0][:, 60, 2].any()
+    blank = torch.full((1, 3, 64, 64), 0.5)
+    assert object_masks(blank)[0].shape == (0, 64, 64)
+
+
+def test_object_tokens_pool_the_patches_each_object_covers_with_its_colour_and_place():
+    img = scene()                                # red over pixels 8-23 (patches (1,1),(1,2),(2,1),(2,2) of 8 px)
+    feats = torch.randn(1, 65, 5)
+    (tokens, descriptors), = object_tokens(img[None], feats)
+    assert tokens.shape == (3, 5) and descriptors.shape == (3, DESCRIPTOR)
+    assert torch.equal(tokens[0], feats[0, 0]) and torch.equal(descriptors[0], torch.zeros(DESCRIPTOR))
+    red_patches = [1 + r * 8 + c for r in (1, 2) for c in (1, 2)]
+    assert torch.allclose(tokens[1], feats[0, red_patches].mean(0), atol=1e-5)   # both 16 x 16: red first
+    red = torch.tensor(COLOURS["red"], dtype=torch.float) / 127.5 - 1.0
+    assert torch.allclose(descriptors[1, :3], red * COLOUR_SCALE, atol=1e-5)
+    centre = (15.5 / 63) * 2 - 1                                                # pixel 15.5 of 0..63
+    assert torch.allclose(descriptors[1, 3:5], torch.tensor([centre, centre]), atol=1e-5)
+    assert torch.allclose(descriptors[1, 5], torch.tensor(2 * (256 / 4096) ** 0.5))
+    assert descriptors[2, 3] > 0.5 and descriptors[2, 4] > 0.5                  # blue at the bottom right
+    # the ViT's features reach an object's token only through the patches it covers
+    feats2 = feats.clone()
+    feats2[0, 1 + 7 * 8 + 0] += 100                                            # a background patch
+    assert torch.equal(object_tokens(img[None], feats2)[0][0], tokens)
 
 
 def test_the_caption_dataset_drops_the_colour_words_of_repainted_objects(tmp_path):

@@ -196,7 +196,7 @@ def test_colour_apart_shows_the_vit_silhouettes_and_adds_patch_colours(model):
             seen.append(images)
             return images.flatten(1)[:, None, :8].repeat(1, 5, 1)
 
-    apart = OmniModel(model.thinker, model.tok, model.proj_a, Projector(8, 16, colour=True), FakeAudio(), Recording())
+    apart = OmniModel(model.thinker, model.tok, model.proj_a, Projector(8, 16, colour=3), FakeAudio(), Recording())
     red, blue = (torch.full((3, 4, 4), 0.9), torch.full((3, 4, 4), 0.9))
     red[:, 2:, 2:], blue[:, 2:, 2:] = torch.tensor([0.7, -0.8, -0.8])[:, None, None], \
         torch.tensor([-0.7, -0.4, 0.7])[:, None, None]
@@ -208,3 +208,34 @@ def test_colour_apart_shows_the_vit_silhouettes_and_adds_patch_colours(model):
     assert torch.equal(tokens[0][1], tokens[1][1])                         # a background patch
     with pytest.raises(ValueError, match="colour projector"):
         model.proj_v(torch.zeros(1, 8), torch.zeros(1, 3))
+
+
+def test_object_tokens_give_one_image_token_per_object_after_the_cls(model):
+    from omni.colours import DESCRIPTOR
+
+    class Grid(nn.Module):               # CLS + a 2 x 2 grid of patch tokens
+        out_dim = 8
+
+        def forward(self, images):
+            return torch.randn(images.shape[0], 5, 8)
+
+    objects = OmniModel(model.thinker, model.tok, model.proj_a, Projector(8, 16, colour=DESCRIPTOR),
+                        FakeAudio(), Grid(), objects=True)
+    one, two = torch.full((3, 8, 8), 0.9), torch.full((3, 8, 8), 0.9)
+    one[:, 1:4, 1:4] = -0.5                # the top-left pixel is the background
+    two[:, 1:4, 1:4], two[:, 5:, 5:] = -0.5, 0.1
+    media = objects.encode_media([one, None, two], [None, None, None])
+    assert media[0].image.shape == (2, 16) and media[1].image is None and media[2].image.shape == (3, 16)
+    samples = [{"conversation": conversation("how many shapes are there?", "two"), "image": two, "mel": None},
+               {"conversation": conversation("hi", "hello"), "image": None, "mel": None}]
+    loss, _ = objects.batch_loss(samples)
+    loss.backward()
+    assert objects.proj_v.colour[0].weight.grad.abs().sum() > 0
+
+
+def test_object_tokens_need_colour_apart():
+    from omni.config import UserError
+    from omni.stages.omni_sft import OmniSFTConfig
+    assert OmniSFTConfig(object_tokens=True, colour_apart=True).object_tokens is True
+    with pytest.raises(UserError, match="config key 'object_tokens'"):
+        OmniSFTConfig(object_tokens=True, colour_apart=False)

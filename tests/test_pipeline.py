@@ -26,6 +26,7 @@ def trained(demo_tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     configs = stage_configs(demo_tiny, root)
     configs["E"]["audio_frames"] = False      # spoken questions by transcript: through export and infer
+    configs["E"]["object_tokens"] = True      # one image token per object: the same
     path = write_pipeline(root, configs, LETTERS)
     proc = run_pipeline(path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -133,8 +134,9 @@ def test_export_inspect_infer_round_trip(trained, demo_tiny, tmp_path):
     assert from_ckpt.returncode == 0 and from_export.returncode == 0, from_ckpt.stderr + from_export.stderr
     assert from_export.stdout == from_ckpt.stdout
     from omni.loading import load_omni
-    for folder in (omni_dir, out):        # the option travels with the checkpoint and the export
-        assert load_omni(folder, "cpu")[0].audio_frames is False
+    for folder in (omni_dir, out):        # the options travel with the checkpoint and the export
+        model = load_omni(folder, "cpu")[0]
+        assert model.audio_frames is False and model.objects is True
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from omni.metrics import error_counts
 from omni.data.sft import SFTDataset, read_sft_manifest
 from omni.features import MelSpec
 from omni.loading import load_omni_parts
-from omni.omni_model import AnswerSmoothing, OmniModel, Projector
+from omni.omni_model import AnswerSmoothing, OmniModel, Projector, vision_projector
 from omni.logs import log
 from omni.registry import STAGES
 from omni.train.stage import Stage
@@ -42,6 +42,7 @@ class OmniSFTConfig(TrainConfig):
     image_resize: str = choice(*RESIZE_MODES)   # as the vision stage was trained (omni/data/image.py)
     # Demo-world options for colour-shape pairs held out from training (omni/colours.py, data/recolour.py):
     colour_apart: bool = False      # the ViT sees silhouettes; patch colours are added after the projector
+    object_tokens: bool = False     # with colour_apart: one image token per object, not per patch
     recolour_share: float = fraction()    # training objects repainted off-palette, turns on their colour dropped
     answer_smoothing: float = fraction()  # image answers: first token smoothed within its answer type
     qa_eval_limit: int = 0          # answers generated per split for accuracy; 0 = all
@@ -52,6 +53,9 @@ class OmniSFTConfig(TrainConfig):
         if not self.audio_frames and not self.audio_transcript:
             raise UserError("config key 'audio_frames': false needs audio_transcript true "
                             "(a spoken question would reach the Thinker empty)")
+        if self.object_tokens and not self.colour_apart:
+            raise UserError("config key 'object_tokens': true needs colour_apart true "
+                            "(objects are found as the flat-colour regions of a silhouette)")
 
 
 def figure_names(kind: str, topic: str | None) -> list[str]:
@@ -117,9 +121,9 @@ class OmniSFTStage(Stage):
         inherit(cfg, "n_mels", audio_enc.arch.n_mels, cfg.audio_enc_dir)
         d = thinker.arch.d_model
         self.model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d),
-                               Projector(vision.out_dim, d, colour=cfg.colour_apart),
+                               vision_projector(vision.out_dim, d, cfg.colour_apart, cfg.object_tokens),
                                audio_enc, vision, reader.requires_grad_(False) if cfg.audio_transcript else None,
-                               audio_frames=cfg.audio_frames)
+                               audio_frames=cfg.audio_frames, objects=cfg.object_tokens)
         self.modules = {"thinker": thinker, "proj_a": self.model.proj_a, "proj_v": self.model.proj_v}
         self.trained_encoders = tuple(name for name in ("audio_enc", "vision")
                                       if not cfg.freeze_encoders or (name == "vision" and cfg.train_vision))
