@@ -37,8 +37,9 @@ def patch_colours(images: torch.Tensor, num_tokens: int) -> torch.Tensor:
 # One token per object instead of one per patch: the ViT's patch tokens averaged over the patches
 # the object covers (weighted by how much of each it covers), with the object's mean colour, centre
 # and extent beside them. Finding "the circle" among three objects is then a choice among three
-# clean shape codes, not among 64 patches whose shape evidence is partial and whose colour can stand
-# in for it (docs/stage_e_sft.md, "Object tokens").
+# whole-shape codes rather than among 64 patches that each hold part of a shape; E learns faster
+# and, with most training objects repainted (recolour_share), binds held-out colour-shape pairs
+# (docs/stage_e_sft.md, "Object tokens").
 MAX_OBJECTS = 8     # the largest objects first; the demo world draws one to three
 MIN_PIXELS = 4      # smaller foreground regions are noise, not objects
 DESCRIPTOR = 6      # colour (3), centre (2), extent (1)
