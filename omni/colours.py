@@ -5,7 +5,7 @@ The ViT sees each image's *silhouette*, every object painted one grey (shape, si
 colour), and each patch's mean colour is added to that patch's token after the projector, through a
 small MLP of its own (`patch_colours`; OmniModel's `proj_v.colour`). Shape and colour meet only in
 the Thinker, as two terms of one token, so a colour-shape pair never seen in training is read as
-well as a familiar one (docs/stage_e_sft.md, "What limits the test figures"; the recolouring that
+well as a familiar one (docs/stage_e_experiments.md, "What limits the test figures"; the recolouring that
 goes with it is omni/data/recolour.py).
 """
 from __future__ import annotations

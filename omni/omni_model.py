@@ -34,7 +34,7 @@ class Projector(nn.Module):
     also gets its descriptor added through an MLP of its own: colour beside shape, never fused with it. (An MLP, not
     a linear map: attention scores are linear in what they read, and a linear colour embedding
     cannot make "red" score above every other colour the training images hold, so "the red one"
-    could not be found; measured in docs/stage_e_sft.md.)"""
+    could not be found; measured in docs/stage_e_experiments.md.)"""
 
     def __init__(self, in_dim: int, out_dim: int, colour: int = 0):
         super().__init__()

@@ -1,5 +1,5 @@
 """Off-palette recolouring of the demo world's flat-colour objects, for Stage C's and Stage E's
-`recolour_share` (why: docs/stage_e_sft.md, "What limits the test figures").
+`recolour_share` (why: docs/stage_e_experiments.md, "What limits the test figures").
 
 Each object of a training image (all pixels of one colour near a palette colour; the top-left pixel
 is the background) is, with probability `share`, repainted in a random colour far from every
