@@ -77,13 +77,14 @@ def object_tokens(images: torch.Tensor, feats: torch.Tensor) -> list[tuple[torch
                             torch.linspace(-1, 1, w, device=images.device), indexing="ij")
     out = []
     for image, patches, cls, masks in zip(images, feats[:, 1:], feats[:, :1], object_masks(images)):
-        m = masks.to(feats.dtype)                                       # [K, H, W]
+        m = masks.float()                                               # [K, H, W]
         cover = F.adaptive_avg_pool2d(m[:, None], grid).flatten(1)      # [K, P]: share of each patch
-        pooled = (cover @ patches) / cover.sum(1, keepdim=True).clamp_min(1e-6)
+        pooled = (cover.to(patches.dtype) @ patches) / cover.sum(1, keepdim=True).clamp_min(1e-6).to(patches.dtype)
         area = m.flatten(1).sum(1).clamp_min(1)
-        colour = (m.flatten(1) @ image.flatten(1).T) / area[:, None]
+        colour = (m.flatten(1) @ image.float().flatten(1).T) / area[:, None]
         centre = torch.stack([(m * xs).flatten(1).sum(1), (m * ys).flatten(1).sum(1)], 1) / area[:, None]
         extent = 2 * (area / (h * w)).sqrt()[:, None]
         descriptors = torch.cat([colour * COLOUR_SCALE, centre, extent], 1)
-        out.append((torch.cat([cls, pooled]), torch.cat([descriptors.new_zeros(1, DESCRIPTOR), descriptors])))
+        descriptors = torch.cat([descriptors.new_zeros(1, DESCRIPTOR), descriptors]).to(feats.dtype)
+        out.append((torch.cat([cls, pooled]), descriptors))
     return out
