@@ -36,13 +36,17 @@ def patch_colours(images: torch.Tensor, num_tokens: int) -> torch.Tensor:
 # ---------------------------------------------------------------- object tokens (Stage E's object_tokens)
 # One token per object instead of one per patch: the ViT's patch tokens averaged over the patches
 # the object covers (weighted by how much of each it covers), with the object's mean colour, centre
-# and extent beside them. Finding "the circle" among three objects is then a choice among three
-# whole-shape codes rather than among 64 patches that each hold part of a shape; E learns faster
-# and, with most training objects repainted (recolour_share), binds held-out colour-shape pairs
-# (docs/stage_e_sft.md, "Object tokens").
+# and extent beside them, and its outline: its silhouette cropped to a square around it, which
+# proj_v maps through an MLP of its own (apart from the colour's). Finding "the circle" among three
+# objects is then a choice among three whole-shape codes rather than among 64 patches that each
+# hold part of a shape; E learns faster and, with most training objects repainted
+# (recolour_share), binds held-out colour-shape pairs. The outline makes the shape code E's own
+# rather than only what Stage C's ViT gives, which differs from run to run (docs/stage_e_sft.md,
+# "Object tokens" and "Outlines").
 MAX_OBJECTS = 8     # the largest objects first; the demo world draws one to three
 MIN_PIXELS = 4      # smaller foreground regions are noise, not objects
-DESCRIPTOR = 6      # colour (3), centre (2), extent (1)
+CROP = 8            # an object's silhouette, cropped to a square around it, at CROP x CROP
+DESCRIPTOR = 6 + CROP * CROP   # colour (3), centre (2), extent (1), silhouette crop
 
 
 def object_masks(images: torch.Tensor) -> list[torch.Tensor]:
@@ -66,11 +70,33 @@ def object_masks(images: torch.Tensor) -> list[torch.Tensor]:
     return masks
 
 
+def silhouette_crops(masks: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """[K, CROP*CROP] in [-1, 1]: each mask [K, H, W] cropped to the square around its bounding box
+    and resized, so its outline reads the same at any size and place."""
+    if not len(masks):
+        return masks.new_zeros(0, CROP * CROP)
+    h, w = masks.shape[-2:]
+    inside = masks > 0
+    big = torch.tensor(float("inf"), device=masks.device)
+    x0, x1 = torch.where(inside, xs, big).flatten(1).amin(1), torch.where(inside, xs, -big).flatten(1).amax(1)
+    y0, y1 = torch.where(inside, ys, big).flatten(1).amin(1), torch.where(inside, ys, -big).flatten(1).amax(1)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    half = torch.maximum(x1 - x0, y1 - y0) / 2 + 1 / min(h, w)      # + half a pixel on each side
+    # affine_grid maps the output square onto [cx - half, cx + half] x [cy - half, cy + half]
+    theta = torch.zeros(len(masks), 2, 3, device=masks.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = half, cx, half, cy
+    # sampled 4 x 4 per cell and averaged: each cell holds the share of it the object covers, so
+    # a thin part between two sample points is not lost
+    grid = F.affine_grid(theta, (len(masks), 1, 4 * CROP, 4 * CROP), align_corners=True)
+    crops = F.avg_pool2d(F.grid_sample(masks[:, None], grid, mode="bilinear", align_corners=True), 4)
+    return crops.flatten(1) * 2 - 1
+
+
 def object_tokens(images: torch.Tensor, feats: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per image, (tokens [1+K, D], descriptors [1+K, DESCRIPTOR]) from ViT features [B, 1+P, D]
     (CLS, then the patches row by row): the CLS token with a zero descriptor, then each object's
     coverage-weighted mean of patch tokens with its mean colour (x COLOUR_SCALE), centre (x, y in
-    [-1, 1]) and extent (sqrt of its share of the image, x 2)."""
+    [-1, 1]), extent (sqrt of its share of the image, x 2) and silhouette crop (silhouette_crops)."""
     grid = round((feats.shape[1] - 1) ** 0.5)
     h, w = images.shape[-2:]
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=images.device),
@@ -84,7 +110,7 @@ def object_tokens(images: torch.Tensor, feats: torch.Tensor) -> list[tuple[torch
         colour = (m.flatten(1) @ image.float().flatten(1).T) / area[:, None]
         centre = torch.stack([(m * xs).flatten(1).sum(1), (m * ys).flatten(1).sum(1)], 1) / area[:, None]
         extent = 2 * (area / (h * w)).sqrt()[:, None]
-        descriptors = torch.cat([colour * COLOUR_SCALE, centre, extent], 1)
+        descriptors = torch.cat([colour * COLOUR_SCALE, centre, extent, silhouette_crops(m, xs, ys)], 1)
         descriptors = torch.cat([descriptors.new_zeros(1, DESCRIPTOR), descriptors]).to(feats.dtype)
         out.append((torch.cat([cls, pooled]), descriptors))
     return out

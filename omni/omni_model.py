@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from omni.colours import DESCRIPTOR, object_tokens, patch_colours, silhouette
+from omni.colours import CROP, DESCRIPTOR, object_tokens, patch_colours, silhouette
 from omni.layers import pad_stack
 from omni.thinker import Thinker
 from omni.tokenizer import Tokenizer
@@ -30,29 +30,39 @@ IGNORE = -100
 class Projector(nn.Module):
     """Encoder features -> Thinker embeddings: Linear, GELU, Linear. With `colour` (the vision
     projector under Stage E's colour_apart, omni/colours.py: the width of each token's colour
-    descriptor, 3 for a patch's mean colour, 6 for an object's colour, centre and extent) each token
+    descriptor, 3 for a patch's mean colour, colours.DESCRIPTOR for an object's) each token
     also gets its descriptor added through an MLP of its own: colour beside shape, never fused with it. (An MLP, not
     a linear map: attention scores are linear in what they read, and a linear colour embedding
     cannot make "red" score above every other colour the training images hold, so "the red one"
     could not be found; measured in docs/stage_e_experiments.md.)"""
 
-    def __init__(self, in_dim: int, out_dim: int, colour: int = 0):
+    def __init__(self, in_dim: int, out_dim: int, colour: int = 0, outline: int = 0):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-        self.colour = (nn.Sequential(nn.Linear(colour, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        self.colour = (nn.Sequential(nn.Linear(colour - outline, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
                        if colour else None)
+        # the descriptor's last `outline` numbers (an object's silhouette crop) get an MLP of their own:
+        # through the colour's MLP, shape and colour would fuse and held-out pairs be lost
+        self.outline = (nn.Sequential(nn.Linear(outline, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+                        if outline else None)
 
     def forward(self, x, colours: torch.Tensor | None = None):
         """x [..., in_dim]; colours [..., colour] (the descriptors) when the projector has a colour map."""
         if (colours is None) != (self.colour is None):
             raise ValueError("patch colours go with a colour projector (colour_apart), and only with one")
-        return self.net(x) if colours is None else self.net(x) + self.colour(colours)
+        if colours is None:
+            return self.net(x)
+        if self.outline is None:
+            return self.net(x) + self.colour(colours)
+        split = colours.shape[-1] - self.outline[0].in_features
+        return self.net(x) + self.colour(colours[..., :split]) + self.outline(colours[..., split:])
 
 
 def vision_projector(in_dim: int, out_dim: int, colour_apart: bool, objects: bool) -> Projector:
     """proj_v as Stage E's options shape it: a colour map of patch colours (colour_apart) or of
     object descriptors (object_tokens), or none."""
-    return Projector(in_dim, out_dim, colour=(DESCRIPTOR if objects else 3) if colour_apart else 0)
+    return Projector(in_dim, out_dim, colour=(DESCRIPTOR if objects else 3) if colour_apart else 0,
+                     outline=CROP * CROP if objects and colour_apart else 0)
 
 
 def question_answer_pairs(conversation: list[dict]) -> list[tuple[str | None, str]]:

@@ -3,7 +3,8 @@ and patch colours for Stage E (omni/colours.py)."""
 import torch
 from PIL import Image
 
-from omni.colours import COLOUR_SCALE, DESCRIPTOR, object_masks, object_tokens, patch_colours, silhouette
+from omni.colours import (COLOUR_SCALE, CROP, DESCRIPTOR, object_masks, object_tokens, patch_colours, silhouette,
+                          silhouette_crops)
 from omni.data.recolour import OFF_PALETTE, PALETTE, drop_repainted, recolour
 from omni.data.image import ImageCaptionDataset
 from omni.data.world import COLOURS
@@ -89,11 +90,31 @@ def test_object_tokens_pool_the_patches_each_object_covers_with_its_colour_and_p
     centre = (15.5 / 63) * 2 - 1                                                # pixel 15.5 of 0..63
     assert torch.allclose(descriptors[1, 3:5], torch.tensor([centre, centre]), atol=1e-5)
     assert torch.allclose(descriptors[1, 5], torch.tensor(2 * (256 / 4096) ** 0.5))
+    assert (descriptors[1, 6:] > -0.5).all()                                    # a square fills its outline
     assert descriptors[2, 3] > 0.5 and descriptors[2, 4] > 0.5                  # blue at the bottom right
     # the ViT's features reach an object's token only through the patches it covers
     feats2 = feats.clone()
     feats2[0, 1 + 7 * 8 + 0] += 100                                            # a background patch
     assert torch.equal(object_tokens(img[None], feats2)[0][0], tokens)
+
+
+def test_silhouette_crops_read_an_outline_alike_at_any_size_and_place():
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    masks = torch.zeros(4, 64, 64)
+    masks[0, 4:20, 40:56] = 1                          # a 16 x 16 square, top right
+    masks[1, 20:52, 10:42] = 1                         # a 32 x 32 square elsewhere
+    for r in range(32):                                # a triangle: apex up, 32 rows
+        masks[2, 20 + r, 26 - r // 2:26 + r // 2 + 1] = 1
+    masks[3, 30:34, 5:45] = 1                          # a flat bar: 4 x 40, kept flat in a square crop
+    crops = silhouette_crops(masks, xs, ys)
+    assert crops.shape == (4, CROP * CROP) and crops.min() >= -1 and crops.max() <= 1
+    assert (crops[0] - crops[1]).abs().max() < 0.3     # the same outline at two sizes and places
+    assert (crops[0] > -0.5).all()                       # a square fills its crop
+    triangle = crops[2].reshape(CROP, CROP)
+    assert triangle[:CROP // 2].mean() < triangle[CROP // 2:].mean() - 0.5   # narrow at the top, wide below
+    bar = crops[3].reshape(CROP, CROP)
+    assert bar[0].max() < -0.9 and bar[-1].max() < -0.9 and bar[:, 1:-1].mean(1).max() > -0.5   # flat, in the middle
+    assert silhouette_crops(torch.zeros(0, 64, 64), xs, ys).shape == (0, CROP * CROP)
 
 
 def test_the_caption_dataset_drops_the_colour_words_of_repainted_objects(tmp_path):
