@@ -27,6 +27,11 @@ from omni.tokenizer import Tokenizer
 IGNORE = -100
 
 
+def mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear, GELU, Linear: the projectors' one building block."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
 class Projector(nn.Module):
     """Encoder features -> Thinker embeddings: Linear, GELU, Linear. With `colour` (the vision
     projector under Stage E's colour_apart, omni/colours.py: the width of each token's colour
@@ -38,13 +43,11 @@ class Projector(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, colour: int = 0, outline: int = 0):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-        self.colour = (nn.Sequential(nn.Linear(colour - outline, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-                       if colour else None)
+        self.net = mlp(in_dim, out_dim)
+        self.colour = mlp(colour - outline, out_dim) if colour else None
         # the descriptor's last `outline` numbers (an object's silhouette crop) get an MLP of their own:
         # through the colour's MLP, shape and colour would fuse and held-out pairs be lost
-        self.outline = (nn.Sequential(nn.Linear(outline, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-                        if outline else None)
+        self.outline = mlp(outline, out_dim) if outline else None
 
     def forward(self, x, colours: torch.Tensor | None = None):
         """x [..., in_dim]; colours [..., colour] (the descriptors) when the projector has a colour map."""

@@ -80,13 +80,16 @@ def is_finished(run: StageRun, resolved: dict) -> bool:
     return same
 
 
-def last_val_metrics(save_dir: str) -> dict:
+def best_val_metrics(save_dir: str) -> dict:
+    """The validation whose weights inference loads ({prefix}_best.pt: the first lowest val_loss),
+    with its step."""
     path = os.path.join(save_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
         vals = [json.loads(line) for line in f if '"val"' in line]
-    return {k: v for k, v in vals[-1].items() if k not in ("step", "split")} if vals else {}
+    best = min(vals, key=lambda v: v.get("val_loss", float("inf")), default={})
+    return {k: v for k, v in best.items() if k != "split"}
 
 
 def run_stage(run: StageRun, extra: list[str]) -> int:
@@ -110,7 +113,7 @@ def run_stage(run: StageRun, extra: list[str]) -> int:
             return code
         run.status = "trained"
     run.steps = ckpt.read_training_state(run.save_dir).get("step", 0)
-    run.metrics = last_val_metrics(run.save_dir)
+    run.metrics = best_val_metrics(run.save_dir)
     draw_curves(run.save_dir)
     return 0
 
@@ -124,8 +127,8 @@ def draw_curves(save_dir: str) -> None:
 
 
 def table(runs: list[StageRun]) -> str:
-    """One row per stage, then every figure of its last validation: the validation split's and,
-    on their own line, the held-out test split's."""
+    """One row per stage, then every figure of the validation whose weights infer.py loads (the best
+    one, its step first): the validation split's and, on their own line, the held-out test split's."""
     rows = [("stage", "status", "steps", "wall time", "checkpoints")]
     for r in runs:
         rows.append((r.letter, r.status, str(r.steps), f"{r.seconds / 60:.1f} min" if r.seconds else "-",
@@ -133,8 +136,10 @@ def table(runs: list[StageRun]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     for r in runs:
+        step = [f"best step {r.metrics['step']}"] if "step" in r.metrics else []
         for split, figures in split_figures(r.metrics).items():
-            lines += wrap(f"{r.letter} {split}:", [f"{k} {v:.3g}" for k, v in figures.items()])
+            cells = [f"{k} {v:.3g}" for k, v in figures.items()]
+            lines += wrap(f"{r.letter} {split}:", (step if split == "val" else []) + cells)
     return "\n".join(lines)
 
 
@@ -142,7 +147,7 @@ def split_figures(metrics: dict) -> dict:
     """{"val": {name: value}, "test": {...}}: test_* names go to test, the rest to val."""
     out = {"val": {}, "test": {}}
     for k, v in metrics.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
             split = "test" if k.startswith("test_") else "val"
             out[split][k.removeprefix(f"{split}_")] = v
     return {k: v for k, v in out.items() if v}

@@ -57,6 +57,23 @@ def test_table_shows_every_figure_with_held_out_ones_apart():
     assert "note" not in text and all(len(line) <= 110 for line in text.splitlines())
 
 
+def test_table_shows_the_validation_whose_weights_infer_loads(tmp_path):
+    """omni_best.pt holds the first lowest val_loss: the table gives that validation, with its step."""
+    from omni.pipeline import StageRun, best_val_metrics, table
+    records = [{"step": 10, "split": "val", "val_loss": 0.5, "test_image_acc": 0.7},
+               {"step": 20, "split": "train", "loss": 0.1},
+               {"step": 20, "split": "val", "val_loss": 0.3, "test_image_acc": 0.8},
+               {"step": 30, "split": "val", "val_loss": 0.3, "test_image_acc": 0.9},
+               {"step": 40, "split": "val", "val_loss": 0.4, "test_image_acc": 0.95}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    best = best_val_metrics(str(tmp_path))
+    assert best == {"step": 20, "val_loss": 0.3, "test_image_acc": 0.8}
+    run = StageRun("E", "e.json", status="trained", steps=40, save_dir=str(tmp_path), metrics=best)
+    text = table([run])
+    assert "E val:  best step 20, loss 0.3" in text and "E test: image_acc 0.8" in text
+    assert best_val_metrics(str(tmp_path / "missing")) == {}
+
+
 def final_checkpoint(save_dir, prefix) -> str:
     return os.path.join(save_dir, f"{prefix}.pt")
 
