@@ -5,7 +5,7 @@ from PIL import Image
 
 from omni.colours import (COLOUR_SCALE, CROP, DESCRIPTOR, object_masks, object_tokens, patch_colours, silhouette,
                           silhouette_crops)
-from omni.data.recolour import OFF_PALETTE, PALETTE, colours_to_keep, drop_repainted, recolour
+from omni.data.recolour import OFF_PALETTE, PALETTE, drop_repainted, recolour
 from omni.data.image import ImageCaptionDataset
 from omni.data.world import COLOURS
 
@@ -146,29 +146,19 @@ def test_only_the_turns_still_true_after_repainting_are_kept():
     assert drop_repainted(conversation, []) == conversation
 
 
-def test_a_turn_keeps_the_colours_it_names_in_its_question_or_as_its_whole_answer():
-    assert colours_to_keep(turns(("what colour is the circle?", "red"), ("what shape is the blue one?", "star"),
-                                 ("is there a green square?", "no"))) == {"red", "blue", "green"}
-    assert colours_to_keep(turns(("describe the picture", "a big red circle above a small blue square"),
-                                 ("is the circle big or small?", "big"))) == set()
-
-
-def test_sft_training_images_repaint_the_objects_their_turns_do_not_need(tmp_path):
+def test_sft_training_images_are_repainted_with_their_conversation(tmp_path):
     from omni.data.sft import SFTDataset
     path = tmp_path / "a.png"
     Image.fromarray(to_rgb(scene()).permute(1, 2, 0).byte().numpy()).save(path)
-    ask_red = turns(("what colour is the square?", "red"))
-    describe = turns(("describe the picture", "a red square and a blue square"))
-    records = [{"image": str(path), "_source": "line 1", "conversation": ask_red},
-               {"image": str(path), "_source": "line 2", "conversation": describe}]
+    colours = turns(("what colour is the circle?", "red"), ("what colour is the square?", "blue"))
+    records = [{"image": str(path), "_source": "line 1", "conversation": colours + turns(("how many?", "two"))},
+               {"image": str(path), "_source": "line 2", "conversation": colours}]
     original = SFTDataset(records)[(0, 0)]["image"]
-    subject, caption = (SFTDataset(records, recolour_share=1.0, augment=True)[(i, 0)] for i in (0, 1))
-    # the red object the answer names stays red; its neighbour is repainted, so the turn still holds
-    rgb, red, blue = to_rgb(subject["image"]), torch.tensor(COLOURS["red"]), torch.tensor(COLOURS["blue"])
-    assert torch.equal(rgb[:, 12, 12], red.float()) and (PALETTE - rgb[:, 48, 50]).norm(dim=1).min() >= OFF_PALETTE
-    assert subject["conversation"] == ask_red and not torch.equal(blue.float(), rgb[:, 48, 50])
-    assert torch.equal(silhouette(subject["image"][None]), silhouette(original[None]))
-    # a caption names every colour but needs none of them: both repainted, their words dropped
-    assert caption["conversation"] == turns(("describe the picture", "a square and a square"))
+    repainted, untouched = (SFTDataset(records, recolour_share=1.0, augment=True)[(i, 0)] for i in (0, 1))
+    assert repainted["conversation"] == turns(("how many?", "two"))
+    assert not torch.equal(repainted["image"], original)
+    assert torch.equal(silhouette(repainted["image"][None]), silhouette(original[None]))
+    # nothing left to ask: the sample stays as it was rather than train on an empty conversation
+    assert untouched["conversation"] == colours and torch.equal(untouched["image"], original)
     # validation data (no augmentation) is never repainted
-    assert torch.equal(SFTDataset(records, recolour_share=1.0)[(0, 0)]["image"], original)
+    assert SFTDataset(records, recolour_share=1.0)[(0, 0)]["conversation"] == records[0]["conversation"]

@@ -3,10 +3,8 @@
 
 Each object of a training image (all pixels of one colour near a palette colour; the top-left pixel
 is the background) is, with probability `share`, repainted in a random colour far from every
-palette colour and from the background. Stage C drops the colour word from the caption; Stage E
-keeps the colours a turn names in its question or as its whole answer (`colours_to_keep`), so the
-object asked about keeps its colour and its neighbours are the ones repainted, and drops the other
-repainted colours' words from the answers (`drop_repainted`). The ViT and the Thinker then see every shape in colours they
+palette colour and from the background. Stage C drops the colour word from the caption; Stage E keeps
+the turns still true (`drop_repainted`). The ViT and the Thinker then see every shape in colours they
 have no name for, so what they learn of shape stops leaning on colour, and no colour-shape pair held
 out from training is ever shown. Off by default: photographs have no flat colours.
 """
@@ -29,11 +27,10 @@ def _off_palette(generator: torch.Generator, background: torch.Tensor) -> torch.
             return c
 
 
-def recolour(img: torch.Tensor, generator: torch.Generator, share: float,
-             keep: frozenset = frozenset()) -> tuple[torch.Tensor, list[str]]:
+def recolour(img: torch.Tensor, generator: torch.Generator, share: float) -> tuple[torch.Tensor, list[str]]:
     """img [3,H,W] in [-1,1] with each object's colour (all pixels of one palette-near colour),
-    with probability `share`, replaced by an off-palette one, except the palette colours named in
-    `keep`; returns (image, names of the palette colours replaced). The top-left pixel is the background."""
+    with probability `share`, replaced by an off-palette one; returns (image, names of the palette
+    colours replaced). The top-left pixel is the background."""
     rgb = ((img + 1) * 127.5).round()
     background = rgb[:, 0, 0]
     out, removed = rgb.clone(), []
@@ -41,7 +38,7 @@ def recolour(img: torch.Tensor, generator: torch.Generator, share: float,
         distance = (PALETTE - colour).norm(dim=1)
         if (colour - background).abs().max() < 1 or distance.min() > OBJECT_TOLERANCE:
             continue
-        if float(torch.rand((), generator=generator)) >= share or PALETTE_NAMES[int(distance.argmin())] in keep:
+        if float(torch.rand((), generator=generator)) >= share:
             continue
         out[:, (rgb == colour[:, None, None]).all(0)] = _off_palette(generator, background)[:, None]
         removed.append(PALETTE_NAMES[int(distance.argmin())])
@@ -51,19 +48,6 @@ def recolour(img: torch.Tensor, generator: torch.Generator, share: float,
 def drop_words(text: str, words: list[str]) -> str:
     """The text without the given words (the colour names of repainted objects)."""
     return " ".join(w for w in text.split(" ") if w not in words)
-
-
-def colours_to_keep(conversation: list[dict]) -> frozenset:
-    """The palette colours a user/assistant conversation's turns cannot lose: named in a question, or
-    the whole answer. Repainting only the others keeps every turn and makes the subject's
-    neighbours, not the subject, the ones in unnamed colours: a turn about "the circle" then
-    seldom has an orange distractor that teaches the lookup that orange is never the circle."""
-    names = set()
-    for question, answer in zip(conversation[0::2], conversation[1::2]):
-        names.update(w for w in question["content"].rstrip("?").split() if w in PALETTE_NAMES)
-        if not drop_words(answer["content"], PALETTE_NAMES):
-            names.update(answer["content"].split())
-    return frozenset(names)
 
 
 def drop_repainted(conversation: list[dict], removed: list[str]) -> list[dict]:

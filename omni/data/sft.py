@@ -5,7 +5,7 @@ from omni.data.audio import read_audio
 from omni.features import LogMel, MelSpec
 from omni.data.image import read_image
 from omni.data.manifest import ManifestDataset, SampleError, read_manifest
-from omni.data.recolour import colours_to_keep, drop_repainted, recolour
+from omni.data.recolour import drop_repainted, recolour
 
 ROLES = ("user", "assistant")
 
@@ -49,12 +49,12 @@ class SFTDataset(ManifestDataset):
         return sample
 
     def recolour(self, sample: dict, generator) -> None:
-        """Repaint the objects no turn names off-palette, the answers' words kept true (omni/data/recolour.py);
-        a sample whose turns do not alternate user/assistant, or left with no turn, keeps its image."""
+        """Repaint objects off-palette and keep the turns still true (omni/data/recolour.py); a sample left
+        with no turn, or whose turns do not alternate user/assistant, keeps its image."""
         turns = sample["conversation"]
         if [t["role"] for t in turns] != list(ROLES) * (len(turns) // 2):
             return
-        image, removed = recolour(sample["image"], generator, self.recolour_share, colours_to_keep(turns))
+        image, removed = recolour(sample["image"], generator, self.recolour_share)
         kept = drop_repainted(turns, removed) if removed else turns
         if kept:
             sample["image"], sample["conversation"] = image, kept

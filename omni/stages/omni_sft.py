@@ -43,7 +43,7 @@ class OmniSFTConfig(TrainConfig):
     # Demo-world options for colour-shape pairs held out from training (omni/colours.py, data/recolour.py):
     colour_apart: bool = False      # the ViT sees silhouettes; patch colours are added after the projector
     object_tokens: bool = False     # with colour_apart: one image token per object, not per patch
-    recolour_share: float = fraction()    # training objects a turn does not name repainted off-palette
+    recolour_share: float = fraction()    # training objects repainted off-palette, turns on their colour dropped
     answer_smoothing: float = fraction()  # image answers: first token smoothed within its answer type
     qa_eval_limit: int = 0          # answers generated per split for accuracy; 0 = all
     max_answer_tokens: int = 16
