@@ -26,8 +26,7 @@ import soundfile as sf
 
 from omni.data import speech, world
 
-GENERATOR_VERSION = 4   # 2: SFT records carry a topic; captioning conversations. 3: multi-turn image QA in train.
-#                         4: the text corpus's scene lines name no colour
+GENERATOR_VERSION = 3   # 2: SFT records carry a topic; captioning conversations. 3: multi-turn image QA in train
 SPLITS = ("train", "val", "test")
 # Per split (train, val, test).  image_qa/text_sft/speech_qa are SFT record counts.
 SIZE_COUNTS = {
@@ -144,20 +143,13 @@ class _Builder:
         return scenes
 
     def corpus_line(self, rng, split) -> str:
-        """A line of the Thinker's corpus. Its scene lines (captions, questions on a scene) name no
-        colour: with them, Stage A learnt which colour-shape pairs exist (answering "what colour is the
-        circle?" from the caption "a big orange circle ...", it said orange 6 times in 96 on the held-out
-        pairs) and Stage E began from a Thinker sure that the held-out pairs never occur
-        (docs/stage_e_sft.md, "Scene text without colours")."""
         kind = rng.choices(("caption", "scene_qa", "statement", "fact_qa", "chat"),
                            weights=(35, 20, 20, 15, 10))[0]
         if kind in ("caption", "scene_qa"):
             scene = self.scene(rng, split)
-            line = world.drop_words(world.caption(scene), world.COLOUR_NAMES)
+            line = world.caption(scene)
             if kind == "scene_qa":
-                questions = world.image_questions(scene, rng, self.heldout, allow_heldout=False)
-                line += " " + " ".join(rng.choice([(q, a) for q, a, _, _ in questions
-                                                   if not world.names_colour(f"{q} {a}")]))
+                line += " " + " ".join(self.image_qa(rng, split, scene)[0][:2])
             return line
         if kind == "chat":
             return " ".join(rng.choice(world.CHAT))

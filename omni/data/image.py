@@ -14,8 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
 
 from omni.data.manifest import ManifestDataset, SampleError, media_file
-from omni.data.recolour import recolour
-from omni.data.world import drop_words
+from omni.data.recolour import drop_words, recolour
 
 
 RESIZE_MODES = ("squash", "center_crop", "pad")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from omni.data.world import COLOURS, drop_words
+from omni.data.world import COLOURS
 
 PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float)   # [6, 3] in 0..255
 PALETTE_NAMES = list(COLOURS)
@@ -43,6 +43,11 @@ def recolour(img: torch.Tensor, generator: torch.Generator, share: float) -> tup
         out[:, (rgb == colour[:, None, None]).all(0)] = _off_palette(generator, background)[:, None]
         removed.append(PALETTE_NAMES[int(distance.argmin())])
     return out / 127.5 - 1.0, removed
+
+
+def drop_words(text: str, words: list[str]) -> str:
+    """The text without the given words (the colour names of repainted objects)."""
+    return " ".join(w for w in text.split(" ") if w not in words)
 
 
 def drop_repainted(conversation: list[dict], removed: list[str]) -> list[dict]:

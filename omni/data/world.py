@@ -93,15 +93,6 @@ def sum_phrases(pairs) -> list:
     return sorted({f"{NUMBERS[a]} plus {NUMBERS[b]}" for x, y in pairs for a, b in ((x, y), (y, x))})
 
 
-def drop_words(text: str, words) -> str:
-    """The text without the given words (colour names, say)."""
-    return " ".join(w for w in text.split(" ") if w not in words)
-
-
-def names_colour(text: str) -> bool:
-    return any(mentions(text, c) for c in COLOUR_NAMES)
-
-
 def mentions(text: str, phrase: str) -> bool:
     """Whole-word containment, ignoring the question mark."""
     return f" {phrase} " in f" {text.replace('?', ' ')} "
