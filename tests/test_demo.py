@@ -159,6 +159,17 @@ def test_heldout_items_absent_from_train_val_present_in_test(out):
     assert any(world.mentions(t, p) for t in spoken_q for p in sums)
 
 
+def test_text_corpus_never_names_a_colour_with_a_shape(out):
+    """Stage A's corpus is facts, sums and chat, no scenes: a Thinker that learnt from text which
+    colour-shape pairs exist begins Stage E sure that the held-out ones never do."""
+    lines = [line for split in SPLITS for line in (out / "text" / f"{split}.txt").read_text().splitlines()]
+    words = [set(line.replace("?", "").split()) for line in lines]
+    assert any("?" in line for line in lines)
+    assert any(w & set(world.COLOUR_NAMES) for w in words) and any(w & set(world.SHAPES) for w in words)
+    for line, w in zip(lines, words):
+        assert not (w & set(world.COLOUR_NAMES) and w & set(world.SHAPES)), line
+
+
 def test_image_answers_match_the_caption(out):
     for split in SPLITS:
         captions = {r["image"]: r["caption"] for r in _jsonl(out / f"image_caption_{split}.jsonl")}

@@ -26,7 +26,8 @@ import soundfile as sf
 
 from omni.data import speech, world
 
-GENERATOR_VERSION = 3   # 2: SFT records carry a topic; captioning conversations. 3: multi-turn image QA in train
+GENERATOR_VERSION = 4   # 2: SFT records carry a topic; captioning conversations. 3: multi-turn image QA in train.
+#                         4: the text corpus holds no scene lines
 SPLITS = ("train", "val", "test")
 # Per split (train, val, test).  image_qa/text_sft/speech_qa are SFT record counts.
 SIZE_COUNTS = {
@@ -143,14 +144,11 @@ class _Builder:
         return scenes
 
     def corpus_line(self, rng, split) -> str:
-        kind = rng.choices(("caption", "scene_qa", "statement", "fact_qa", "chat"),
-                           weights=(35, 20, 20, 15, 10))[0]
-        if kind in ("caption", "scene_qa"):
-            scene = self.scene(rng, split)
-            line = world.caption(scene)
-            if kind == "scene_qa":
-                line += " " + " ".join(self.image_qa(rng, split, scene)[0][:2])
-            return line
+        """A line of the Thinker's corpus: a fact, a question on one, or a chat exchange. No scene lines:
+        with captions and questions on scenes (55 % of the corpus until generator version 4) Stage A
+        learnt from text which colour-shape pairs exist, and Stage E began from a Thinker sure that the
+        held-out ones never do (docs/stage_e_sft.md, "Stage A without scene text")."""
+        kind = rng.choices(("statement", "fact_qa", "chat"), weights=(20, 15, 10))[0]
         if kind == "chat":
             return " ".join(rng.choice(world.CHAT))
         fact = self.fact(rng, split)
