@@ -92,18 +92,20 @@ def silhouette_crops(masks: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) ->
     return crops.flatten(1) * 2 - 1
 
 
-def object_tokens(images: torch.Tensor, feats: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def object_tokens(images: torch.Tensor, feats: torch.Tensor,
+                  masks: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per image, (tokens [1+K, D], descriptors [1+K, DESCRIPTOR]) from ViT features [B, 1+P, D]
     (CLS, then the patches row by row): the CLS token with a zero descriptor, then each object's
     coverage-weighted mean of patch tokens with its mean colour (x COLOUR_SCALE), centre (x, y in
-    [-1, 1]), extent (sqrt of its share of the image, x 2) and silhouette crop (silhouette_crops)."""
+    [-1, 1]), extent (sqrt of its share of the image, x 2) and silhouette crop (silhouette_crops).
+    `masks`: the images' object_masks, where already known."""
     grid = round((feats.shape[1] - 1) ** 0.5)
     h, w = images.shape[-2:]
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=images.device),
                             torch.linspace(-1, 1, w, device=images.device), indexing="ij")
     out = []
-    for image, patches, cls, masks in zip(images, feats[:, 1:], feats[:, :1], object_masks(images)):
-        m = masks.float()                                               # [K, H, W]
+    for image, patches, cls, regions in zip(images, feats[:, 1:], feats[:, :1], masks or object_masks(images)):
+        m = regions.float()                                             # [K, H, W]
         cover = F.adaptive_avg_pool2d(m[:, None], grid).flatten(1)      # [K, P]: share of each patch
         pooled = (cover.to(patches.dtype) @ patches) / cover.sum(1, keepdim=True).clamp_min(1e-6).to(patches.dtype)
         area = m.flatten(1).sum(1).clamp_min(1)

@@ -87,6 +87,7 @@ class TrainConfig:
                                             # metrics.jsonl always; "tensorboard" mirrors it in save_dir/tb
     save_dir: str = "checkpoints/run"
     num_workers: int = non_negative(0)
+    cpu_threads: int = non_negative(0)  # torch's threads on the CPU; 0 = its default (OMP_NUM_THREADS, else all cores)
     strict_data: bool = False          # a bad sample is an error instead of being skipped
     demo_dir: str = ""                 # data files missing under this folder -> build the demo world
     demo_size: str = choice("small", "tiny", "medium")

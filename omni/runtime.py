@@ -119,6 +119,8 @@ def setup_runtime(cfg) -> Runtime:
     device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if device.type == "cpu" and cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     if device.type == "mps" and world > 1:
         raise UserError("config key 'device': mps runs one process; start without torchrun (or use cpu)")
     if world > 1 and not dist.is_initialized():

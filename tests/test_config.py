@@ -80,3 +80,19 @@ def test_shares_must_lie_between_zero_and_one():
                                    (OmniSFTConfig, "answer_smoothing=-0.1", "at least 0.0")):
         with pytest.raises(UserError, match=f"'{override.split('=')[0]}': must be {message}"):
             load_config(cls, None, [override])
+
+
+def test_cpu_threads_sets_torchs_threads_on_the_cpu_only_when_given():
+    import torch
+    from omni.runtime import setup_runtime
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        setup_runtime(load_config(TrainConfig, None, ["device=cpu"]))
+        assert torch.get_num_threads() == 2                    # 0: torch's own setting stays
+        setup_runtime(load_config(TrainConfig, None, ["device=cpu", "cpu_threads=1"]))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(UserError, match="'cpu_threads'"):
+        load_config(TrainConfig, None, ["cpu_threads=-1"])

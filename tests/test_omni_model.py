@@ -233,6 +233,46 @@ def test_object_tokens_give_one_image_token_per_object_after_the_cls(model):
     assert objects.proj_v.colour[0].weight.grad.abs().sum() > 0
 
 
+def test_vision_cache_runs_the_frozen_vit_once_per_image_with_the_same_tokens(model, monkeypatch):
+    from omni import omni_model
+    from omni.colours import DESCRIPTOR
+    calls = []
+
+    class Counting(nn.Module):           # CLS + a 2 x 2 grid; each image's tokens depend on it alone
+        out_dim = 8
+
+        def forward(self, images):
+            calls.append(len(images))
+            return images.flatten(1)[:, None, :8].repeat(1, 5, 1) * 2
+
+    proj_v = Projector(8, 16, colour=DESCRIPTOR, outline=64)
+
+    def build():
+        return OmniModel(model.thinker, model.tok, model.proj_a, proj_v, FakeAudio(), Counting(), objects=True)
+    one, two = torch.full((3, 8, 8), 0.9), torch.full((3, 8, 8), 0.9)
+    one[:, 1:4, 1:4] = -0.5
+    two[:, 1:4, 1:4], two[:, 5:, 5:] = -0.5, 0.1
+    repainted = one.clone()
+    repainted[:, 1:4, 1:4] = torch.tensor([0.3, -0.9, 0.2])[:, None, None]   # the same silhouette
+    plain = build()
+    expected = [m.image for m in plain.encode_media([one, two, repainted], [None] * 3)]
+    cached = build()
+    cached.vision_cache = {}
+    calls.clear()
+    first = [m.image for m in cached.encode_media([one, two, repainted], [None] * 3)]
+    assert calls == [1, 1]                    # each new silhouette alone; the repainted one is a hit
+    again = [m.image for m in cached.encode_media([two, one], [None] * 2)]
+    assert calls == [1, 1] and len(cached.vision_cache) == 2
+    for got, want in zip(first + again, expected + [expected[1], expected[0]]):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(first[0], first[2])          # the colour still comes from the pixels
+    monkeypatch.setattr(omni_model, "VISION_CACHE_BYTES", 0)   # full: computed each time, still right
+    full = build()
+    full.vision_cache = {}
+    assert torch.allclose(full.encode_media([one], [None])[0].image, expected[0], atol=1e-6)
+    assert full.vision_cache == {}
+
+
 def test_object_tokens_need_colour_apart():
     from omni.config import UserError
     from omni.stages.omni_sft import OmniSFTConfig

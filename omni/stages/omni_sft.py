@@ -133,6 +133,8 @@ class OmniSFTStage(Stage):
                 self.modules[name] = enc
             else:
                 enc.to(rt.device).eval()
+        if "vision" not in self.trained_encoders:
+            self.model.vision_cache = {}        # each image through the frozen ViT once (OmniModel)
         thinker.requires_grad_(not cfg.freeze_thinker)
         self.model.proj_a.requires_grad_(cfg.audio_frames)     # without frames it is never used
 
