@@ -146,10 +146,11 @@ class OmniModel(nn.Module):
         # (omni/colours.py) after the CLS token, instead of one per patch.
         self.objects = objects
         self.tok = tokenizer
-        # Stage E sets it to {} while the vision encoder is frozen: the ViT's features of each image (and
-        # its object masks) are then computed once and reused, a step about a third faster. An entry is
-        # computed for its image alone, never inside a batch, so its numbers do not depend on which
-        # batch the image first came in (exact resume holds).
+        # Stage E's vision_cache sets it to {} (the vision encoder frozen): the ViT's features of each
+        # image (and its object masks) are then computed once and reused, a step about a third faster
+        # on the demo world. An entry is computed for its image alone, never inside a batch, so its
+        # numbers do not depend on which batch the image first came in (exact resume holds); that is
+        # slower than a batch for images seen once, so it is for small image sets seen every epoch.
         self.vision_cache: dict | None = None
         self.vision_cache_bytes = 0
 

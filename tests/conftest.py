@@ -135,7 +135,7 @@ def tiny_stage_configs(demo: str, root) -> dict:
                   "asr_manifest": f"{demo}/asr_train.jsonl", "batch_size": 4, "lr": 2e-3, "warmup_steps": 2,
                   "max_steps": 8, "eval_interval": 4, "checkpoint_freq": 4, "log_interval": 1,
                   "eval_batches": 2, "qa_eval_limit": 12, "max_answer_tokens": 4, "audio_transcript": True,
-                  "colour_apart": True, "answer_smoothing": 0.2, "progress": False}}
+                  "colour_apart": True, "answer_smoothing": 0.2, "vision_cache": True, "progress": False}}
 
 
 @pytest.fixture(scope="session")

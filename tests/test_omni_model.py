@@ -273,6 +273,15 @@ def test_vision_cache_runs_the_frozen_vit_once_per_image_with_the_same_tokens(mo
     assert full.vision_cache == {}
 
 
+def test_vision_cache_needs_a_frozen_vision_encoder():
+    from omni.config import UserError
+    from omni.stages.omni_sft import OmniSFTConfig
+    assert OmniSFTConfig(vision_cache=True).vision_cache is True
+    for frozen in ({"train_vision": True}, {"freeze_encoders": False}):
+        with pytest.raises(UserError, match="config key 'vision_cache'"):
+            OmniSFTConfig(vision_cache=True, **frozen)
+
+
 def test_object_tokens_need_colour_apart():
     from omni.config import UserError
     from omni.stages.omni_sft import OmniSFTConfig

@@ -71,7 +71,8 @@ def test_a_trained_stage_saves_exactly_its_weight_keys(letter, trained_stages):
 def test_stage_e_saves_its_encoders_only_when_it_trains_them(freeze, train_vision, trained, trained_stages, tmp_path):
     spec = STAGES["E"]
     cfg = {**trained_stages["E"], "save_dir": str(tmp_path / "omni"), "max_steps": 1, "eval_interval": 1,
-           "qa_eval_limit": 2, "freeze_encoders": freeze, "train_vision": train_vision}
+           "qa_eval_limit": 2, "freeze_encoders": freeze, "train_vision": train_vision,
+           "vision_cache": "vision" not in trained}
     run_script(spec.script, "--config", write_config(tmp_path / "omni.json", cfg), check=True)
     expected = set(spec.weight_keys) | set(trained)
     assert weight_keys_in(ckpt.final_path(cfg["save_dir"], spec.prefix)) == expected

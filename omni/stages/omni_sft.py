@@ -34,6 +34,8 @@ class OmniSFTConfig(TrainConfig):
     caption_manifest: str = ""      # optional auxiliary captioning task (image, caption)
     freeze_encoders: bool = True
     train_vision: bool = False      # train the vision encoder even when freeze_encoders is true
+    vision_cache: bool = False      # the frozen ViT sees each image once (OmniModel.vision_cache): for
+                                    # small image sets seen every epoch, like the demo world's
     freeze_thinker: bool = False
     audio_transcript: bool = False  # also write Stage B's CTC transcript of the audio into the prompt
     audio_frames: bool = True       # false: a spoken question reaches the Thinker as that transcript alone
@@ -53,6 +55,9 @@ class OmniSFTConfig(TrainConfig):
         if not self.audio_frames and not self.audio_transcript:
             raise UserError("config key 'audio_frames': false needs audio_transcript true "
                             "(a spoken question would reach the Thinker empty)")
+        if self.vision_cache and (self.train_vision or not self.freeze_encoders):
+            raise UserError("config key 'vision_cache': true needs a frozen vision encoder "
+                            "(freeze_encoders true, train_vision false)")
         if self.object_tokens and not self.colour_apart:
             raise UserError("config key 'object_tokens': true needs colour_apart true "
                             "(objects are found as the flat-colour regions of a silhouette)")
@@ -133,7 +138,7 @@ class OmniSFTStage(Stage):
                 self.modules[name] = enc
             else:
                 enc.to(rt.device).eval()
-        if "vision" not in self.trained_encoders:
+        if cfg.vision_cache:
             self.model.vision_cache = {}        # each image through the frozen ViT once (OmniModel)
         thinker.requires_grad_(not cfg.freeze_thinker)
         self.model.proj_a.requires_grad_(cfg.audio_frames)     # without frames it is never used
