@@ -192,6 +192,12 @@ def check_image_answer(q: str, a: str, objs: list, caption: str) -> None:
         assert by_colour[m[1]] == a
     elif m := re.fullmatch(r"is the (\w+) big or small\?", q):
         assert by_shape[m[1]][0] == a
+    elif m := re.fullmatch(r"is the (\w+) (\w+)\?", q):
+        assert a == ("yes" if by_shape[m[1]][1] == m[2] else "no")
+    elif m := re.fullmatch(r"is there a (\w+) one\?", q):
+        assert a == ("yes" if m[1] in by_colour else "no")
+    elif m := re.fullmatch(r"is there a (\w+)\?", q):
+        assert a == ("yes" if m[1] in by_shape else "no")
     elif m := re.fullmatch(r"is there a (\w+) (\w+)\?", q):
         assert a == ("yes" if by_colour.get(m[1]) == m[2] else "no")
     elif q == "how many shapes are there?":
@@ -211,9 +217,9 @@ def test_topics_name_what_each_conversation_asks(out):
             q, a = (t["content"] for t in r["conversation"][:2])   # the topic is the first question's
             topic, text = r["topic"], r.get("transcript", q)
             if r["kind"] == "image_qa":
-                expected = {"what colour": "colour", "what shape is the": "shape", "is the ": "size",
-                            "how many": "count", "what shape is": "relation", "is there": "yes_no"}
-                assert topic == next(v for k, v in expected.items() if q.startswith(k)), (q, topic)
+                expected = {"what colour": "colour", "what shape is the": "shape", "is the .* big or small": "size",
+                            "how many": "count", "what shape is": "relation", "is ": "yes_no"}
+                assert topic == next(v for k, v in expected.items() if re.match(k, q)), (q, topic)
             elif r["kind"] == "caption":
                 assert topic == "caption" and q in world.CAPTION_PROMPTS and a == captions[r["image"]]
             elif " plus " in text:
@@ -352,6 +358,40 @@ def test_question_kinds_are_balanced():
         answers[world.pick_question(qs, rng, demo.QUESTION_WEIGHTS)[1]] += 1
     assert 0.8 < answers["yes"] / answers["no"] < 1.25
     assert answers["yes"] < 0.15 * sum(answers.values())
+
+
+def test_yes_no_that_check_one_attribute_are_asked_in_training_only(out):
+    """Training conversations also ask "is there a triangle?", "is there a yellow one?", "is the
+    triangle yellow?" and "is there a <colour of one> <shape of another>?" (answers checked by
+    test_image_answers_match_the_caption); val and test keep the kinds their figures are compared by."""
+    templates = {"has_shape": r"is there a \w+\?", "has_colour": r"is there a \w+ one\?",
+                 "is_colour": r"is the \w+ (?!big or small)\w+\?"}
+    asked = {split: [t["content"] for r in _jsonl(out / f"sft_{split}.jsonl") if r["kind"] == "image_qa"
+                     for t in r["conversation"][::2]] for split in SPLITS}
+    for name, pattern in templates.items():
+        assert any(re.fullmatch(pattern, q) for q in asked["train"]), name
+        for split in ("val", "test"):
+            assert not any(re.fullmatch(pattern, q) for q in asked[split]), (split, name)
+
+
+def test_training_questions_stay_balanced_with_the_checks():
+    import random
+    from collections import Counter
+
+    rng = random.Random(3)
+    held = world.choose_heldout_pairs(rng)
+    answers, kinds = Counter(), Counter()
+    for _ in range(3000):
+        scene = world.sample_scene(rng, held, with_heldout=False)
+        qs = world.image_questions(scene, rng, held, False) + world.attribute_questions(scene, rng, held)
+        q, a, hot, kind = world.pick_question(qs, rng, demo.TRAIN_QUESTION_WEIGHTS)
+        answers[a] += 1
+        kinds[kind] += 1
+        assert not hot and not any(world.mentions(q, f"{c} {s}") for c, s in held), q
+        if m := re.fullmatch(r"is the (\w+) (\w+)\?", q):
+            assert (m[2], m[1]) not in held, q
+    assert 0.8 < answers["yes"] / answers["no"] < 1.25
+    assert set(kinds) == set(demo.TRAIN_QUESTION_WEIGHTS)
 
 
 def test_synthesis_works_in_a_forked_worker():

@@ -26,8 +26,8 @@ import soundfile as sf
 
 from omni.data import speech, world
 
-GENERATOR_VERSION = 4   # 2: SFT records carry a topic; captioning conversations. 3: multi-turn image QA in train.
-#                         4: the text corpus holds no scene lines
+GENERATOR_VERSION = 5   # 2: SFT records carry a topic; captioning conversations. 3: multi-turn image QA in train.
+#                         4: the text corpus holds no scene lines. 5: training-only yes/no kinds
 SPLITS = ("train", "val", "test")
 # Per split (train, val, test).  image_qa/text_sft/speech_qa are SFT record counts.
 SIZE_COUNTS = {
@@ -48,10 +48,14 @@ HOT_QUESTION_SHARE = 0.75  # share of test image questions about a held-out obje
 # Relative frequency of image-question kinds; yes and no are equally likely.
 QUESTION_WEIGHTS = {"colour": 4, "shape": 4, "size": 3, "count": 2, "relation": 4,
                     "exists_yes": 2, "exists_no": 2}
+# Training conversations also ask the yes/no questions that check one attribute
+# (world.attribute_questions); val and test keep the kinds above, so their figures compare across versions.
+TRAIN_QUESTION_WEIGHTS = {**QUESTION_WEIGHTS, **{k: 1 for k in world.CHECK_KINDS}}
 # Questions per training image conversation. Each extra turn costs a few tokens beside the image's
-# 65, so SFT sees several times more image answers per step (val and test keep one question each,
-# so every one is scored alone).
-TRAIN_IMAGE_TURNS = 3
+# tokens, so SFT sees several times more image answers per step (val and test keep one question each,
+# so every one is scored alone). Four since version 5: the checks take a quarter of the questions,
+# and with three the colour questions they left fewer of were answered worse.
+TRAIN_IMAGE_TURNS = 4
 
 
 def _counts_for(size: str, override: dict | None) -> dict:
@@ -106,15 +110,19 @@ class _Builder:
             return rng.choice(self.facts_hot)
         return rng.choice(self.facts_open)
 
-    def image_qa(self, rng, split, scene, turns: int = 1) -> list:
-        """`turns` different (question, answer, topic) about one scene (fewer when it has fewer)."""
+    def image_qa(self, rng, split, scene, turns: int = 1, sft_train: bool = False) -> list:
+        """`turns` different (question, answer, topic) about one scene (fewer when it has fewer);
+        sft_train adds the training-only kinds."""
         qs = world.image_questions(scene, rng, self.heldout, allow_heldout=(split == "test"))
         hot = [q for q in qs if q[2]]
         if split == "test" and hot and rng.random() < HOT_QUESTION_SHARE:
             qs = hot
+        weights = QUESTION_WEIGHTS
+        if sft_train:
+            qs, weights = qs + world.attribute_questions(scene, rng, self.heldout), TRAIN_QUESTION_WEIGHTS
         chosen = []
         while qs and len(chosen) < turns:
-            q, a, _, kind = world.pick_question(qs, rng, QUESTION_WEIGHTS)
+            q, a, _, kind = world.pick_question(qs, rng, weights)
             qs = [other for other in qs if other[0] != q]
             chosen.append((q, a, world.question_topic(kind)))
         return chosen
@@ -218,7 +226,8 @@ class _Builder:
         records = []
         for i in range(self.counts["image_qa"][split]):
             rel, scene = scenes[i % len(scenes)]
-            qas = self.image_qa(rng, split, scene, TRAIN_IMAGE_TURNS if split == "train" else 1)
+            train = split == "train"
+            qas = self.image_qa(rng, split, scene, TRAIN_IMAGE_TURNS if train else 1, sft_train=train)
             records.append({"kind": "image_qa", "topic": qas[0][2], "image": rel,
                             "conversation": [m for q, a, _ in qas for m in _turns(q, a)]})
         for _ in range(self.counts["speech_qa"][split]):

@@ -186,6 +186,10 @@ def caption(scene: Scene) -> str:
 
 
 QUESTION_KINDS = ("colour", "shape", "size", "count", "relation", "exists_yes", "exists_no")
+# Training-only yes/no kinds (attribute_questions): one attribute, the pair the other way round,
+# and a pair whose colour and shape are both in the picture on different objects.
+CHECK_KINDS = ("has_shape_yes", "has_shape_no", "has_colour_yes", "has_colour_no",
+               "is_colour_yes", "is_colour_no", "exists_apart")
 
 
 def image_questions(scene: Scene, rng: random.Random, heldout: list, allow_heldout: bool) -> list:
@@ -212,9 +216,35 @@ def image_questions(scene: Scene, rng: random.Random, heldout: list, allow_heldo
     return qs
 
 
+def attribute_questions(scene: Scene, rng: random.Random, heldout: list) -> list:
+    """Yes/no questions that check attributes one at a time, as image_questions' tuples (training
+    only, so the test keeps its kinds). "is there a purple diamond?" about a held-out pair can only be
+    answered by checking colour and shape of each object; with every training yes/no naming a seen
+    pair, the model learnt the phrases instead (docs/stage_e_sft.md, "Questions that check one
+    attribute"). No question names a held-out pair."""
+    banned = set(heldout)
+    shapes = {o.shape for o in scene.objects}
+    colours = {o.colour for o in scene.objects}
+    o = rng.choice(scene.objects)
+    other_colours = [c for c in COLOUR_NAMES if c != o.colour and (c, o.shape) not in banned]
+    qs = [(f"is there a {o.shape}?", "yes", False, "has_shape_yes"),
+          (f"is there a {rng.choice([s for s in SHAPES if s not in shapes])}?", "no", False, "has_shape_no"),
+          (f"is there a {o.colour} one?", "yes", False, "has_colour_yes"),
+          (f"is there a {rng.choice([c for c in COLOUR_NAMES if c not in colours])} one?", "no", False,
+           "has_colour_no"),
+          (f"is the {o.shape} {o.colour}?", "yes", False, "is_colour_yes"),
+          (f"is the {o.shape} {rng.choice(other_colours)}?", "no", False, "is_colour_no")]
+    apart = [(a.colour, b.shape) for a in scene.objects for b in scene.objects
+             if a is not b and (a.colour, b.shape) not in banned]
+    if apart:
+        c, s = rng.choice(apart)
+        qs.append((f"is there a {c} {s}?", "no", False, "exists_apart"))
+    return qs
+
+
 def question_topic(kind: str) -> str:
-    """The accuracy an image question counts towards: its kind, with both yes/no kinds as one."""
-    return "yes_no" if kind.startswith("exists") else kind
+    """The accuracy an image question counts towards: its kind, with all yes/no kinds as one."""
+    return "yes_no" if kind.startswith("exists") or kind in CHECK_KINDS else kind
 
 
 # What a user types to get the picture described (answered with its caption).
@@ -224,7 +254,7 @@ CAPTION_PROMPTS = ("describe the picture", "describe the image", "what do you se
 def pick_question(qs: list, rng: random.Random, weights: dict) -> tuple:
     """Choose a question kind first (so answers stay balanced: one "yes" per object would
     otherwise swamp the data), then a question of that kind."""
-    kinds = sorted({q[3] for q in qs}, key=QUESTION_KINDS.index)
+    kinds = sorted({q[3] for q in qs}, key=(QUESTION_KINDS + CHECK_KINDS).index)
     kind = rng.choices(kinds, weights=[weights[k] for k in kinds])[0]
     return rng.choice([q for q in qs if q[3] == kind])
 
