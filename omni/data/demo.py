@@ -54,7 +54,7 @@ TRAIN_QUESTION_WEIGHTS = {**QUESTION_WEIGHTS, **{k: 1 for k in world.CHECK_KINDS
 # Questions per training image conversation. Each extra turn costs a few tokens beside the image's
 # tokens, so SFT sees several times more image answers per step (val and test keep one question each,
 # so every one is scored alone). Four since version 5: the checks take a quarter of the questions,
-# and with three the colour questions they left fewer of were answered worse.
+# and with three turns the other kinds, colour among them, got a quarter fewer answers and did worse.
 TRAIN_IMAGE_TURNS = 4
 
 
