@@ -29,6 +29,7 @@ def test_recolouring_repaints_whole_objects_off_palette_and_names_them():
     img = scene()
     out, removed = recolour(img, torch.Generator().manual_seed(0), share=1.0)
     assert sorted(removed) == ["blue", "red"]
+    assert removed == sorted(removed, key=lambda name: COLOURS[name])   # drawn for in (r, g, b) order
     rgb = to_rgb(out)
     for region in (rgb[:, 8:24, 8:24], rgb[:, 40:56, 44:60]):
         colours = region.reshape(3, -1).T.unique(dim=0)
