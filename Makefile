@@ -8,13 +8,18 @@ PY := $(VENV)/bin/python
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-extra.txt requirements-dev.txt
+# The demo needs only the runtime requirements; tests, lint and the exports need the rest too.
+$(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime requirements-extra.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-extra.txt -r requirements-dev.txt
 	touch $@
 
-demo: install
+demo: $(VENV)/.runtime
 	$(PY) -m omni.pipeline configs/pipeline_demo.json
 	$(PY) infer.py --image data/demo/images/test_00000.png --text "how many shapes are there?" --audio_out answer.wav
 

@@ -35,8 +35,9 @@ EXPORT_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"     # Stage A keeps its tokenizer beside its checkpoints
 # The entries of a checkpoint dictionary besides the weight keys, declared once (docs/checkpoints.md).
 OPTIMIZER, SCHEDULER, SCALER, RNG, DATA_STATE = "optimizer", "scheduler", "scaler", "rng", "data_state"
+BEST_STEP = "best_step"        # the step of best_val_loss (early_stop_steps counts from it)
 STEP, BEST_VAL_LOSS, CONFIG, VERSION = "step", "best_val_loss", "config", "format_version"
-RESUME_KEYS = (OPTIMIZER, SCHEDULER, SCALER, RNG, DATA_STATE)      # only resuming needs these
+RESUME_KEYS = (OPTIMIZER, SCHEDULER, SCALER, RNG, DATA_STATE, BEST_STEP)      # only resuming needs these
 NON_WEIGHT_KEYS = frozenset(RESUME_KEYS + (STEP, BEST_VAL_LOSS, CONFIG, VERSION))
 
 

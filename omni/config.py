@@ -77,6 +77,8 @@ class TrainConfig:
     grad_clip: float = 1.0             # 0 turns clipping off
     eval_interval: int = positive(100)
     eval_batches: int = non_negative(0)   # 0 = the whole validation set
+    early_stop_steps: int = non_negative(0)  # stop at a validation when val_loss has not improved for
+                                             # this many steps; 0 = train to max_steps
     checkpoint_freq: int = non_negative(100)  # a {prefix}_step_N.pt every N steps; 0 = only best and final
     keep_last_n: int = non_negative(3)      # newest step files kept; 0 = keep every one
     archive_every: int = non_negative(0)    # step files at multiples of N outlive keep_last_n, slimmed

@@ -2,9 +2,11 @@
 
 Builds the demo world when the config names one, then runs each stage's trainer as a subprocess
 with the same command line a user would type, so every stage resumes on its own. A stage whose
-final checkpoint exists with the same resolved config is skipped. A failing stage stops the run
-with its error; the earlier stages' outputs stay as they are. At the end: a table per stage
-(steps, wall time, final validation metrics, folder) and loss/metric curves as PNG.
+final checkpoint exists with the same resolved config is skipped. A stage marked "background"
+runs beside the stages after it (its output in its save_dir/pipeline.log); the pipeline waits for
+it before the table. A failing stage stops the run with its error (a background stage already
+started runs to its end); the other stages' outputs stay as they are. At the end: a table per
+stage (steps, wall time, final validation metrics, folder) and loss/metric curves as PNG.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +27,7 @@ from omni.cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join("configs", "pipeline_demo.json")
+BACKGROUND_LOG = "pipeline.log"     # a background stage's output, in its save_dir
 
 
 @dataclass
@@ -36,6 +40,9 @@ class StageRun:
     save_dir: str = ""
     steps: int = 0
     metrics: dict = field(default_factory=dict)
+    background: bool = False             # the next stages start without waiting for this one
+    waiter: threading.Thread | None = None
+    exit_code: int = 0
 
 
 def read_pipeline(path: str) -> tuple[dict, list[StageRun]]:
@@ -50,7 +57,9 @@ def read_pipeline(path: str) -> tuple[dict, list[StageRun]]:
         overrides = entry.get("set", [])
         if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
             raise UserError(f"{path}: stages[{i}].set must be a list of \"key=value\" strings")
-        runs.append(StageRun(letter, entry["config"], overrides))
+        if not isinstance(entry.get("background", False), bool):
+            raise UserError(f"{path}: stages[{i}].background must be true or false")
+        runs.append(StageRun(letter, entry["config"], overrides, background=entry.get("background", False)))
     if not runs:
         raise UserError(f"{path}: no stages listed")
     return spec, runs
@@ -92,25 +101,45 @@ def best_val_metrics(save_dir: str) -> dict:
     return {k: v for k, v in best.items() if k != "split"}
 
 
-def run_stage(run: StageRun, extra: list[str]) -> int:
+def start_stage(run: StageRun, extra: list[str]) -> None:
+    """Skip the stage when it is finished, else start its trainer: its output goes to the terminal,
+    or, for a background stage, to save_dir/pipeline.log."""
     cls = stage_class(run.letter)
     overrides = run.overrides + extra
     resolved = config_dict(load_config(cls.config_class, run.config, overrides))
     run.save_dir = resolved["save_dir"]
     if is_finished(run, resolved):
         run.status = "skipped (finished)"
-    else:
-        script = STAGES[run.letter].script
-        cmd = [sys.executable, os.path.join(ROOT, script), "--config", run.config]
-        for o in overrides:
-            cmd += ["--set", o]
-        print(f"\n=== stage {run.letter}: {' '.join(cmd[1:])}", flush=True)
-        start = time.perf_counter()
-        code = subprocess.call(cmd)
+        return
+    cmd = [sys.executable, os.path.join(ROOT, STAGES[run.letter].script), "--config", run.config]
+    for o in overrides:
+        cmd += ["--set", o]
+    output = None
+    if run.background:
+        os.makedirs(run.save_dir, exist_ok=True)
+        output = open(os.path.join(run.save_dir, BACKGROUND_LOG), "a", encoding="utf-8")
+    where = f"  (in the background; output in {run.save_dir}/{BACKGROUND_LOG})" if output else ""
+    print(f"\n=== stage {run.letter}: {' '.join(cmd[1:])}{where}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT if output else None)
+    if output:
+        output.close()       # the trainer holds its own copy
+
+    def wait() -> None:      # in a thread, so a background stage's wall time ends when it does
+        run.exit_code = proc.wait()
         run.seconds = time.perf_counter() - start
-        if code != 0:
-            run.status = f"failed (exit {code})"
-            return code
+    run.waiter = threading.Thread(target=wait, daemon=True)
+    run.waiter.start()
+
+
+def finish_stage(run: StageRun) -> int:
+    """Wait for the stage's trainer (if one was started); then read its steps and figures."""
+    if run.waiter is not None:
+        run.waiter.join()
+        run.waiter = None
+        if run.exit_code != 0:
+            run.status = f"failed (exit {run.exit_code})"
+            return run.exit_code
         run.status = "trained"
     run.steps = ckpt.read_training_state(run.save_dir).get("step", 0)
     run.metrics = best_val_metrics(run.save_dir)
@@ -173,15 +202,20 @@ def main(argv=None) -> int:
     if spec.get("demo_dir"):
         from omni.data.demo import ensure_demo_world  # optional: only when the config names a demo world
         ensure_demo_world(spec["demo_dir"], spec.get("demo_size", "small"))
-    code = 0
+    failed = []
     for run in runs:
-        code = run_stage(run, args.set)
-        if code:
-            print(f"\nstage {run.letter} failed; the earlier stages' outputs are kept. "
-                  "Fix the error and run the pipeline again: it resumes there.", file=sys.stderr)
+        start_stage(run, args.set)
+        if not run.background and finish_stage(run):
+            failed.append(run)
             break
+    for run in runs:     # the background stages still running (a failed stage stops none of them)
+        if run.background and (run.waiter or run.status != "pending") and finish_stage(run):
+            failed.append(run)
+    for run in failed:
+        print(f"\nstage {run.letter} failed ({run.exit_code}); the other stages' outputs are kept. "
+              "Fix the error and run the pipeline again: it resumes there.", file=sys.stderr)
     print("\n" + table(runs))
-    return code
+    return failed[0].exit_code if failed else 0
 
 
 if __name__ == "__main__":

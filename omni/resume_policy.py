@@ -20,7 +20,8 @@ SCHEDULE = frozenset({"lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight
                       "adam_beta1", "adam_beta2", "adamw_impl"})
 REFUSED = frozenset({"batch_size", "seed"})
 APPLIED = frozenset({"device", "amp", "compile", "grad_accum_steps", "grad_clip", "eval_interval",
-                     "eval_batches", "checkpoint_freq", "keep_last_n", "archive_every", "log_interval", "log_to",
+                     "eval_batches", "early_stop_steps", "checkpoint_freq", "keep_last_n", "archive_every",
+                     "log_interval", "log_to",
                      "save_dir", "num_workers", "cpu_threads", "strict_data", "demo_dir", "demo_size", "progress",
                      "parallel"})
 

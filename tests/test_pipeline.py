@@ -6,13 +6,14 @@ import os
 import pytest
 import soundfile as sf
 
-from conftest import run_script, tiny_stage_configs as stage_configs, write_config
+from conftest import ROOT, run_script, tiny_stage_configs as stage_configs, write_config
 
 LETTERS = "ABCDE"
 
 
-def write_pipeline(root, configs: dict, letters: str) -> str:
-    stages = [{"stage": s, "config": write_config(root / f"stage_{s}.json", configs[s])} for s in letters]
+def write_pipeline(root, configs: dict, letters: str, background: str = "") -> str:
+    stages = [{"stage": s, "config": write_config(root / f"stage_{s}.json", configs[s]), "background": s in background}
+              for s in letters]
     return write_config(root / f"pipeline_{letters}.json", {"stages": stages})
 
 
@@ -27,7 +28,7 @@ def trained(demo_tiny, tmp_path_factory):
     configs = stage_configs(demo_tiny, root)
     configs["E"]["audio_frames"] = False      # spoken questions by transcript: through export and infer
     configs["E"]["object_tokens"] = True      # one image token per object: the same
-    path = write_pipeline(root, configs, LETTERS)
+    path = write_pipeline(root, configs, LETTERS, background="D")    # as the demo pipeline runs D beside E
     proc = run_pipeline(path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root, configs, path, proc
@@ -42,6 +43,20 @@ def table_rows(stdout: str) -> dict:
         if head[:1] in LETTERS:
             rows[head] = line
     return rows
+
+
+@pytest.mark.parametrize("entry, named", [({"stage": "F"}, "stages[0].stage"),
+                                          ({"set": "max_steps=2"}, "stages[0].set"),
+                                          ({"background": "yes"}, "stages[0].background")])
+def test_a_malformed_pipeline_entry_is_a_one_line_error_naming_it(entry, named, tmp_path):
+    from omni.config import UserError
+    from omni.pipeline import read_pipeline
+    config = os.path.join(ROOT, "configs", "thinker_tiny.json")
+    path = write_config(tmp_path / "pipeline.json", {"stages": [{"stage": "A", "config": config, **entry}]})
+    with pytest.raises(UserError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        read_pipeline(path)
+    ok = write_config(tmp_path / "ok.json", {"stages": [{"stage": "A", "config": config, "background": True}]})
+    assert read_pipeline(ok)[1][0].background is True
 
 
 def test_table_shows_every_figure_with_held_out_ones_apart():
@@ -88,6 +103,11 @@ def test_pipeline_trains_every_stage_then_skips_them(trained):
         assert os.path.isfile(final_checkpoint(configs[s]["save_dir"], prefixes[s]))
         assert os.path.isfile(os.path.join(configs[s]["save_dir"], "curves.png"))
     assert "image_acc" in rows["E test"] and "loss" in rows["E val"] and "9" in rows["A"].split()[2]
+    # the background stage's output went to its log, not between the other stages' lines
+    with open(os.path.join(configs["D"]["save_dir"], "pipeline.log")) as f:
+        assert "talker: finished" in f.read()
+    assert "talker: finished" not in proc.stdout + proc.stderr and "in the background" in proc.stdout
+    assert rows["D"].split()[3] != "-" and float(rows["D"].split()[3]) > 0     # its own wall time
 
     metrics = os.path.join(configs["E"]["save_dir"], "metrics.jsonl")
     before = open(metrics).read()
@@ -123,6 +143,17 @@ def test_a_failed_stage_stops_the_run_and_a_rerun_resumes_it(demo_tiny, tmp_path
     assert "skipped (finished)" in rows["A"] and "trained" in rows["B"]
     assert f"resumed from {good_b['save_dir']}/audio_enc_step_3.pt" in proc.stdout
     assert os.path.getmtime(thinker_final) == stamp
+
+
+def test_a_failed_background_stage_lets_the_others_finish_then_fails_the_run(demo_tiny, tmp_path):
+    configs = stage_configs(demo_tiny, tmp_path)
+    configs["D"]["train_manifest"] = str(tmp_path / "missing.jsonl")
+    proc = run_pipeline(write_pipeline(tmp_path, configs, "DA", background="D"))
+    assert proc.returncode == 2 and "stage D failed" in proc.stderr
+    rows = table_rows(proc.stdout)
+    assert "failed (exit 2)" in rows["D"] and "trained" in rows["A"]
+    with open(os.path.join(configs["D"]["save_dir"], "pipeline.log")) as f:
+        assert "missing.jsonl" in f.read()
 
 
 def infer(*args):

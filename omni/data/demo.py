@@ -13,8 +13,10 @@ another part's content, and the same seed and size give byte-identical files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -41,6 +43,7 @@ SIZE_COUNTS = {
                "tts": (3200, 400, 400), "speech_qa": (3200, 400, 400), "image_qa": (16000, 2000, 2000),
                "text_sft": (3200, 400, 400), "caption_sft": (3200, 400, 400)},
 }
+SPEECH_WORKERS = 4      # processes speaking the clips (at most the machine's cores)
 TTS_VOICE = {"voice": "en", "rate": 175, "pitch": 50}  # espeak's defaults, one voice
 RATE_RANGE, PITCH_RANGE = (130, 200), (30, 70)
 HELDOUT_FACT_SHARE = 0.5   # share of test knowledge items drawn from the held-out sums
@@ -253,18 +256,40 @@ class _Builder:
             self.stats[split][f"sft_{kind}"] = sum(r["kind"] == kind for r in records)
 
     def synthesize_all(self, progress: bool) -> None:
-        bar = _progress(len(self.speech_jobs), "speech", progress)
+        jobs = [(str(self.root), *job) for job in self.speech_jobs]
+        bar = _progress(len(jobs), "speech", progress)
         seconds = {s: 0.0 for s in SPLITS}
-        for rel, text, voice, rate, pitch in self.speech_jobs:
-            audio, sr = speech.synthesize(text, voice=voice, rate=rate, pitch=pitch)
-            speech.check_clip(audio, text, sr)  # raises ClipError naming the text
-            sf.write(self.root / rel, audio, sr, subtype="PCM_16", format="WAV")
-            seconds[rel.split("/")[1].split("_")[0]] += len(audio) / sr
-            bar.update(1)
+        workers = min(os.cpu_count() or 1, SPEECH_WORKERS)
+        if multiprocessing.current_process().daemon:   # a daemon (a DataLoader worker) may not fork a pool
+            workers = 1
+        with contextlib.ExitStack() as stack:
+            durations = map(_speak_clip, jobs)
+            if workers > 1:     # each clip is independent: the files are the same with any number of workers
+                pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers, _one_thread))
+                durations = pool.imap(_speak_clip, jobs, chunksize=8)     # in order
+            for job, duration in zip(jobs, durations):
+                seconds[job[1].split("/")[1].split("_")[0]] += duration
+                bar.update(1)
         bar.close()
         for s in SPLITS:
             self.stats[s]["speech_clips"] = self.clip_index[s]
             self.stats[s]["speech_seconds"] = round(seconds[s], 1)
+
+
+def _one_thread() -> None:
+    # A forked child of a process whose OpenMP pool ran deadlocks in its first parallel op (the
+    # resampling); one thread avoids the pool, as DataLoader workers do, and keeps a worker per core.
+    import torch
+    torch.set_num_threads(1)
+
+
+def _speak_clip(job: tuple) -> float:
+    """Synthesize one queued clip into its file; returns its duration in seconds."""
+    root, rel, text, voice, rate, pitch = job
+    audio, sr = speech.synthesize(text, voice=voice, rate=rate, pitch=pitch)
+    speech.check_clip(audio, text, sr)  # raises ClipError naming the text
+    sf.write(Path(root) / rel, audio, sr, subtype="PCM_16", format="WAV")
+    return len(audio) / sr
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -1,5 +1,6 @@
 """The one training loop every stage runs: build the trainer, then step, log, validate, save and
-stop until max_steps. See docs/training.md for the contract and docs/checkpoints.md for the files.
+stop at max_steps (or earlier, with early_stop_steps). See docs/training.md for the contract and
+docs/checkpoints.md for the files.
 
 `train_step` and `validate` are looked up in this module at call time, so tests/stage_runner.py
 can wrap them to inject faults without the loop carrying test hooks.
@@ -162,10 +163,11 @@ def validate(trainer: Trainer) -> dict:
 
 # ----------------------------------------------------------------------------- the loop
 def run_loop(trainer: Trainer) -> int:
-    """Step until max_steps: log the metric window, validate (keeping the best checkpoint), save
-    on the checkpoint grid, and stop cleanly on SIGTERM / Ctrl-C. Returns the exit status."""
+    """Step until max_steps (or early_stop_steps without a better val_loss): log the metric window,
+    validate (keeping the best checkpoint), save on the checkpoint grid, and stop cleanly on
+    SIGTERM / Ctrl-C. Returns the exit status."""
     stage, cfg, rt = trainer.stage, trainer.cfg, trainer.stage.rt
-    if trainer.step >= cfg.max_steps:
+    if trainer.done():
         return already_trained(trainer)
     metrics_log = MetricsLog(cfg.save_dir, trainer.step, rt.is_main, cfg.log_to)
     sampler = ResumableBatchSampler(stage.batch_plan(), trainer.start_batch, rt.rank, rt.world_size)
@@ -175,7 +177,7 @@ def run_loop(trainer: Trainer) -> int:
     for m in stage.modules.values():
         m.train()
     try:
-        while trainer.step < cfg.max_steps:
+        while not trainer.done():
             metrics = train_step(trainer, batches)
             window.add(metrics)
             progress.update(1, loss=f"{metrics['loss']:.4f}")
@@ -183,8 +185,8 @@ def run_loop(trainer: Trainer) -> int:
                 metrics_log.write(window.record(trainer.step, trainer.scheduler.get_last_lr()[0]))
             if due(trainer, cfg.eval_interval):
                 validate_and_keep_best(trainer, metrics_log)
-            stopping = stop_requested(stop, rt) and trainer.step < cfg.max_steps
-            save_step(trainer, stopping)
+            stopping = stop_requested(stop, rt) and not trainer.done()
+            save_step(trainer, stopping or trainer.plateaued())
             if stopping:
                 return stopped(trainer, stop.signum)
     finally:
@@ -245,7 +247,7 @@ def validate_and_keep_best(trainer: Trainer, metrics_log: MetricsLog) -> None:
     log(rt, f"{prefix} step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in val.items())
         + ("  (best)" if improved else ""))
     if improved:
-        trainer.best_val_loss = val["val_loss"]
+        trainer.best_val_loss, trainer.best_step = val["val_loss"], step
         trainer.save(ckpt.best_path(trainer.cfg.save_dir, prefix))
 
 
@@ -267,8 +269,8 @@ def save_step(trainer: Trainer, stopping: bool) -> None:
 
 def already_trained(trainer: Trainer) -> int:
     cfg, prefix = trainer.cfg, trainer.stage.spec.prefix
-    log(trainer.stage.rt, f"{prefix}: already trained to step {trainer.step} (max_steps={cfg.max_steps}); "
-                          "nothing to do")
+    log(trainer.stage.rt, f"{prefix}: already trained to step {trainer.step} (max_steps={cfg.max_steps}"
+                          f"{early_stop_note(trainer)}); nothing to do")
     final = ckpt.final_path(cfg.save_dir, prefix)
     if not os.path.isfile(final):
         trainer.save(final)
@@ -287,9 +289,16 @@ def finished(trainer: Trainer, window: MetricsWindow) -> int:
     if window.skipped_total:
         log(rt, f"{prefix}: skipped {window.skipped_total} bad samples, e.g. {'; '.join(window.skipped_examples)} "
                 "(set strict_data=true to stop on them)")
-    log(rt, f"{prefix}: finished {cfg.max_steps} steps; best val_loss {trainer.best_val_loss:.4f}; "
-            f"checkpoints in {cfg.save_dir}")
+    log(rt, f"{prefix}: finished {trainer.step} steps{early_stop_note(trainer)}; best val_loss "
+            f"{trainer.best_val_loss:.4f}; checkpoints in {cfg.save_dir}")
     return 0
+
+
+def early_stop_note(trainer: Trainer) -> str:
+    if trainer.step >= trainer.cfg.max_steps or not trainer.plateaued():
+        return ""
+    return (f", stopped early: no better val_loss since step {trainer.best_step} "
+            f"(early_stop_steps={trainer.cfg.early_stop_steps})")
 
 
 # ----------------------------------------------------------------------------- signals

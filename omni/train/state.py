@@ -34,6 +34,7 @@ class Trainer:
     scaler: torch.amp.GradScaler | None
     step: int = 0
     best_val_loss: float = float("inf")
+    best_step: int = 0                  # the step whose validation gave best_val_loss
     start_batch: int = 0                # global batches taken before this process started (resume)
     batches_taken: int = 0              # batches this rank has drawn since
 
@@ -48,7 +49,8 @@ class Trainer:
         # Every rank draws from its own lane of the global stream; a rank that met a wholly bad batch
         # drew one more, and the stream goes on after the furthest lane: nothing is seen twice.
         taken = self.start_batch + rt.largest(self.batches_taken) * rt.world_size
-        out = {ckpt.STEP: self.step, ckpt.BEST_VAL_LOSS: self.best_val_loss, ckpt.CONFIG: config_dict(self.cfg),
+        out = {ckpt.STEP: self.step, ckpt.BEST_VAL_LOSS: self.best_val_loss, ckpt.BEST_STEP: self.best_step,
+               ckpt.CONFIG: config_dict(self.cfg),
                ckpt.VERSION: ckpt.FORMAT_VERSION, ckpt.SCHEDULER: self.scheduler.state_dict(),
                ckpt.RNG: rt.gather_rng(), ckpt.DATA_STATE: {"samples": taken * self.cfg.batch_size,
                                                             "batch_size": self.cfg.batch_size,
@@ -83,7 +85,17 @@ class Trainer:
     def write_state(self, latest: str) -> None:
         ckpt.write_json(os.path.join(self.cfg.save_dir, ckpt.TRAINING_STATE), {
             "step": self.step, "best_val_loss": _json_float(self.best_val_loss), "latest": latest,
-            "max_steps": self.cfg.max_steps, "finished": self.step >= self.cfg.max_steps})
+            "max_steps": self.cfg.max_steps, "best_step": self.best_step, "finished": self.done()})
+
+    def done(self) -> bool:
+        """Whether training is over: max_steps reached, or stopped early (see `plateaued`)."""
+        return self.step >= self.cfg.max_steps or self.plateaued()
+
+    def plateaued(self) -> bool:
+        """At a validation step: val_loss has not improved for early_stop_steps steps. Only checked on
+        the validation grid, so a run resumed from any checkpoint stops where an unbroken one would."""
+        patience, interval = self.cfg.early_stop_steps, self.cfg.eval_interval
+        return patience > 0 and self.step % interval == 0 and self.step - self.best_step >= patience
 
     def restore(self, obj, source: str) -> None:
         """Continue from a checkpoint file's dictionary, or from a step folder and its trainer.pt."""
@@ -107,6 +119,7 @@ class Trainer:
         if self.scaler is not None and ckpt.SCALER in obj:
             self.scaler.load_state_dict(obj[ckpt.SCALER])
         self.step, self.best_val_loss = int(obj[ckpt.STEP]), float(obj[ckpt.BEST_VAL_LOSS])
+        self.best_step = int(obj.get(ckpt.BEST_STEP, self.step))    # older checkpoints: count from here
         self.rebuild_schedule()
         self.restore_data_position(obj.get(ckpt.DATA_STATE, {}), obj.get(ckpt.RNG, []), changes)
 
