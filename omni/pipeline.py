@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         if run.background and (run.waiter or run.status != "pending") and finish_stage(run):
             failed.append(run)
     for run in failed:
-        print(f"\nstage {run.letter} failed ({run.exit_code}); the other stages' outputs are kept. "
+        print(f"\nstage {run.letter} failed (exit {run.exit_code}); the other stages' outputs are kept. "
               "Fix the error and run the pipeline again: it resumes there.", file=sys.stderr)
     print("\n" + table(runs))
     return failed[0].exit_code if failed else 0
