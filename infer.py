@@ -17,8 +17,9 @@ import torch
 from omni.cli import run_cli
 from omni.config import UserError
 from omni.data.audio import read_audio
-from omni.data.image import read_image
+from omni.data.image import MAX_IMAGE_PIXELS, read_image
 from omni.data.manifest import SampleError
+from omni.data.sft import longest_audio
 from omni.features import LogMel, MelSpec
 from omni.generation import generate_text, stream_text, write_wav
 from omni.loading import load_omni, load_speaker, load_thinker, stage_prefix_in
@@ -58,12 +59,14 @@ def default_model_dir() -> str:
                     "configs/thinker_tiny.json`)")
 
 
-def read_media(image_path: str | None, audio_path: str | None, image_size: int = 64, resize: str = "squash"):
+def read_media(image_path: str | None, audio_path: str | None, image_size: int = 64, resize: str = "squash",
+               max_pixels: int = MAX_IMAGE_PIXELS, max_seconds: float = 0.0):
     """(image [3,S,S], 16 kHz waveform) of the given files, None where not given; UserError naming
-    the file and what is wrong with it (missing, empty, not an image or audio, damaged, silent)."""
+    the file and what is wrong with it (missing, empty, not an image or audio, damaged, silent, an
+    image over max_pixels or a clip over max_seconds when > 0: both known from the header)."""
     try:
-        return (read_image(image_path, image_size, resize) if image_path else None,
-                read_audio(audio_path, MelSpec.sample_rate) if audio_path else None)
+        return (read_image(image_path, image_size, resize, max_pixels) if image_path else None,
+                read_audio(audio_path, MelSpec.sample_rate, max_seconds) if audio_path else None)
     except SampleError as e:
         raise UserError(str(e)) from None
 
@@ -84,10 +87,13 @@ class Chat:
         self.args, self.device = args, device
         prefix = stage_prefix_in(ckpt_dir) if os.path.isdir(ckpt_dir) else None
         self.is_omni = prefix == STAGES["E"].prefix
+        self.max_pixels, self.max_seconds = MAX_IMAGE_PIXELS, 0.0
         if self.is_omni:
             self.model, config = load_omni(ckpt_dir, device)
             self.tokenizer, self.image_size = self.model.tok, config.get("image_size", 64)
             self.image_resize = config.get("image_resize", "squash")     # as Stage E read its images
+            self.max_pixels = config.get("max_image_pixels", MAX_IMAGE_PIXELS)
+            self.max_seconds = longest_audio(self.model.audio_encoder.arch, MelSpec())   # what its encoder takes
         else:       # load_thinker names the folder and the command when nothing is there
             self.model, self.tokenizer = load_thinker(ckpt_dir, device)
             self.image_size, self.image_resize = None, "squash"
@@ -96,7 +102,8 @@ class Chat:
         """(image [3,S,S], log-mel [T, n_mels]) of the given files, None where not given."""
         if not (image_path or audio_path):
             return None, None
-        image, wave = read_media(image_path, audio_path, self.image_size or 64, self.image_resize)
+        image, wave = read_media(image_path, audio_path, self.image_size or 64, self.image_resize,
+                                 self.max_pixels, self.max_seconds)
         if not self.is_omni:
             raise UserError("--image and --audio need the Stage E model: train it with `python -m omni.pipeline` "
                             "(or `python sft_omni.py --config configs/omni_sft_tiny.json`)")
@@ -107,12 +114,27 @@ class Chat:
         """Yield the answer piece by piece as it is generated."""
         a = self.args
         image, mel = self.media(image_path, audio_path)
+        self.check_room(text, image, mel, ", ".join(p for p in (image_path, audio_path) if p))
         if not self.is_omni:
             return generate_text(self.model, self.tokenizer, text, a.max_new_tokens, a.temperature, a.top_k,
                                  a.seed, self.device)
         generator = torch.Generator(device=self.device).manual_seed(a.seed)
         return stream_text(self.model.answer(text, image, mel, a.max_new_tokens, a.temperature, a.top_k,
                                              generator), self.tokenizer)
+
+    @torch.no_grad()
+    def check_room(self, text: str, image, mel, files: str) -> None:
+        """UserError when the prompt (media included) leaves the Thinker no position for an answer:
+        it would answer nothing. The omni model's media are encoded for this once more (the encoders
+        cost little beside generation), so the length is exactly the one `answer` builds."""
+        if self.is_omni:
+            media = self.model.encode_media([image], [mel])[0]
+            length, limit = self.model.prompt_embeddings(text, media).shape[1], self.model.thinker.arch.max_seq_len
+        else:
+            length, limit = len(self.tokenizer.encode(text, bos=True)), self.model.arch.max_seq_len
+        if length >= limit:
+            raise UserError(f"{files or '--text'}: the prompt takes {length} positions, and the Thinker's "
+                            f"max_seq_len is {limit}: no room for an answer (ask something shorter)")
 
 
 def print_stream(pieces) -> str:

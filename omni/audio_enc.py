@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from omni.config import arch_from_config
+from omni.config import Arch, ArchError, check_heads, non_negative, positive, probability
 from omni.features import LogMel, MelSpec
 from omni.layers import Transformer, pad_stack
 from omni.transcripts import LEGACY_ASR_CHARS, Charset, normalize_transcript
@@ -62,18 +62,26 @@ def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[li
 
 # ----------------------------------------------------------------------------- model
 @dataclass
-class AudioEncArch:
-    n_mels: int = 80
-    d_model: int = 144
-    n_layers: int = 4
-    n_heads: int = 4
-    ffn_hidden: int = 0        # 0: about 8/3 * d_model
-    downsample: int = 4        # time reduction of the conv front end: 1, 2, 4, 8, ...
-    dropout: float = 0.1
-    max_positions: int = 4096  # rotary table length, in downsampled frames (164 s at 4x)
+class AudioEncArch(Arch):
+    n_mels: int = positive(80)
+    d_model: int = positive(144)
+    n_layers: int = positive(4)
+    n_heads: int = positive(4)
+    ffn_hidden: int = non_negative(0)   # 0: about 8/3 * d_model
+    downsample: int = positive(4)       # time reduction of the conv front end: 1, 2, 4, 8, ...
+    dropout: float = probability(0.1)
+    max_positions: int = positive(4096)  # rotary table length, in downsampled frames (164 s at 4x)
     charset: str = ""          # CTC characters; "": the stage fills it from the training transcripts
 
-    from_config = classmethod(arch_from_config)   # the architecture keys of a stage config
+    def __post_init__(self):
+        super().__post_init__()
+        check_heads(self, "d_model", "n_heads", rotary=True)
+        if self.downsample & (self.downsample - 1):     # stride-2 convolutions halve the frames
+            raise ArchError(f"config key 'downsample': must be a power of two, got {self.downsample}")
+
+    def network(self):
+        """The encoder (the CTC head's size follows the charset)."""
+        return AudioEncoder(self)
 
 
 def masked_normalize(mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,9 +113,7 @@ class AudioEncoder(nn.Module):
 
     def __init__(self, arch: AudioEncArch):
         super().__init__()
-        f = arch.downsample
-        if f < 1 or f & (f - 1):
-            raise ValueError(f"downsample must be a power of two, got {f}")
+        f = arch.downsample     # a power of two (AudioEncArch)
         self.arch, self.out_dim = arch, arch.d_model
         convs, width = [], arch.n_mels
         for _ in range(f.bit_length() - 1):

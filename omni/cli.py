@@ -18,10 +18,14 @@ def one_line(error: Exception) -> str:
 
 
 def run_cli(main) -> None:
-    """Run `main()`, turning a UserError into one line on stderr and exit status 2."""
+    """Run `main()`, turning a UserError into one line on stderr and exit status 2, and a Ctrl-C that
+    `main` leaves to Python (a KeyboardInterrupt) into one line and 130, the shell's status for it."""
     try:
         code = main()
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code or 0)

@@ -20,27 +20,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 
-from omni.config import arch_from_config
+from omni.config import Arch, above, non_negative, positive, probability
 from omni.features import LogMel, MelSpec
 
 LOG_FLOOR = math.log(1e-5)      # LogMel's value for silence: padding uses it
 
 
 @dataclass
-class CodecArch:
-    n_mels: int = 80
-    downsample: int = 4            # mel frames per code frame: 4 -> 25 Hz codes, 8 -> 12.5 Hz
-    codec_channels: int = 128      # conv width of encoder and decoder
-    latent_dim: int = 64           # width of the quantized vectors
-    n_codebooks: int = 2
-    codebook_size: int = 128
-    ema_decay: float = 0.99
-    dead_threshold: float = 1.0    # a code used less than this many times per batch (EMA) is restarted
-    commitment: float = 0.25       # weight of the commitment loss
+class CodecArch(Arch):
+    n_mels: int = positive(80)
+    downsample: int = positive(4)          # mel frames per code frame: 4 -> 25 Hz codes, 8 -> 12.5 Hz
+    codec_channels: int = positive(128)    # conv width of encoder and decoder
+    latent_dim: int = positive(64)         # width of the quantized vectors
+    n_codebooks: int = positive(2)
+    codebook_size: int = positive(128)
+    ema_decay: float = probability(0.99)
+    dead_threshold: float = non_negative(1.0)  # a code used less than this many times per batch (EMA) is restarted
+    commitment: float = non_negative(0.25)     # weight of the commitment loss
     mel_mean: float = -6.0         # fixed normalisation of log-mel values (roughly the demo data's)
-    mel_std: float = 4.0
+    mel_std: float = above(4.0)
 
-    from_config = classmethod(arch_from_config)
+    def network(self):
+        return SpeechCodec(self)
 
 
 # ----------------------------------------------------------------------------- distributed helpers

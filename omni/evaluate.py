@@ -5,7 +5,8 @@ Contract (docs/evaluate.md):
   file (full, weights-only, or a legacy state_dict with config.json beside it) or an export folder
   (`python -m omni.export`). The stage comes from the file name's prefix or the export's metadata.
 - The stage is built from the checkpoint's own config, with FILE (when given) as its validation
-  data and no test split, then the `--set` overrides, type-checked like a trainer's. Built with
+  data and no test split, then the `--set` overrides, type-checked like a trainer's. Keys of the
+  checkpoint's config this version does not know are ignored, as every loader does (omni/loading.py). Built with
   `evaluation_only`, it reads no training data. The weights are loaded, and the stage's own
   `evaluate()` runs through the training core's `validate()`: for the same checkpoint and split the
   figures are those training logged in metrics.jsonl (figures of the training data itself, such as
@@ -28,12 +29,13 @@ import tempfile
 from dataclasses import dataclass
 
 from omni import checkpoint as ckpt
-from omni.config import UserError, build_config, parse_override, read_json
+from omni.config import UserError, build_config, parse_override
 from omni.export import COMPONENT_DIRS
-from omni.loading import checkpoint_in, read_checkpoint, read_export, resolve_dir, stage_prefix_in
+from omni.loading import checkpoint_in, config_for, read_checkpoint, read_export, resolve_dir, stage_prefix_in
 from omni.runtime import setup_runtime, teardown
 from omni.registry import letter_of, prefixes
 from omni.stages import stage_class
+from omni.tokenizer import Tokenizer
 from omni.cli import run_cli
 from omni.train.loop import ResumeOptions, build_trainer, validate
 from omni.train.state import load_weights
@@ -59,11 +61,12 @@ def open_checkpoint(target: str) -> Source:
     export = os.path.join(target, ckpt.EXPORT_FILE)
     if os.path.isdir(target) and os.path.isfile(export):
         from safetensors import safe_open
+        prefix = stage_prefix_in(target)            # first: a damaged file gets a clear line
         with safe_open(export, "pt") as f:
             step = (f.metadata() or {}).get("step", "")
-        path, prefix, fmt, step = export, stage_prefix_in(target), "export", int(step) if step.isdigit() else None
+        path, fmt, step = export, "export", int(step) if step.isdigit() else None
         check_prefix(path, prefix)
-        weights, config = read_export(export), read_json(os.path.join(target, "config.json"), "export config")
+        weights, config = read_export(export), config_for(export, None, prefix)
     else:
         check_prefix(*checkpoint_in(target))       # before loading: a stray file gets a clear line
         weights, config, path, prefix = read_checkpoint(target)
@@ -88,13 +91,20 @@ def stage_config(source: Source, stage_cls, manifest: str | None, overrides, sav
             values["test_manifest"] = ""
     if "tokenizer_model" in values:         # stage A: the tokenizer beside the weights, copied to save_dir
         values["tokenizer_model"] = os.path.join(source.folder, ckpt.TOKENIZER_FILE)
+        if os.path.isfile(values["tokenizer_model"]):   # a damaged one is named here, not as its copy
+            Tokenizer(values["tokenizer_model"])
     for key in COMPONENT_DIRS:              # stage E: an export's component subfolders
         if key in values:
             values[key] = resolve_dir(source.folder, values[key])
+    cls = stage_cls.config_class
+    try:                # the checkpoint's own values first, so that an error in them names its file
+        build_config(cls, values, source=source.path, ignore_unknown=True)
+    except UserError as e:
+        raise UserError(f"{source.path}: {e}") from None
     for text in overrides:
-        key, value = parse_override(text, stage_cls.config_class)
+        key, value = parse_override(text, cls)
         values[key] = value
-    return build_config(stage_cls.config_class, values, source=source.path)
+    return build_config(cls, values, source=source.path, ignore_unknown=True)
 
 
 def evaluate(target: str, manifest: str | None = None, overrides=()) -> dict:

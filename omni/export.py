@@ -15,6 +15,11 @@ step). DIR receives, by format:
 An omni (stage E) checkpoint exported as omni or pt also exports the components it builds on into
 DIR/thinker, DIR/audio_enc and DIR/vision, and its config points at them, so DIR is self-contained.
 `infer.py`, `--init_from` and `python -m omni.inspect` read omni and pt exports like checkpoint folders.
+
+An export is written into a hidden temporary folder beside DIR (`.DIR.tmp`; for gguf, beside its
+file) and renamed into place, the previous export set aside and deleted after: one cut off at any
+instant leaves the old export whole or the new one, never a mix. omni, pt and hf replace DIR whole,
+so they refuse a DIR that holds anything an export does not write.
 """
 from __future__ import annotations
 
@@ -24,7 +29,6 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
 
 from omni import checkpoint as ckpt
 from omni import export_llama
@@ -33,10 +37,15 @@ from omni.config import UserError
 from omni.loading import load_component, read_checkpoint, resolve_dir
 from omni.registry import STAGES, letter_of
 from omni.thinker import ThinkerArch
+from omni.tokenizer import Tokenizer
 
 # Stage E's component folders (config key -> subfolder of the export, named by the component's prefix)
 COMPONENT_DIRS = {key: STAGES[letter].prefix for key, letter in STAGES["E"].components}
 FORMATS = ("omni", "pt", "hf", "gguf")
+# Every name an omni, pt or hf export writes in its folder (a gguf is one file in a folder of any kind)
+EXPORT_NAMES = frozenset({ckpt.EXPORT_FILE, "config.json", ckpt.TOKENIZER_FILE, "tokenizer.json",
+                          "tokenizer_config.json", *COMPONENT_DIRS.values(),
+                          *(f"{s.prefix}.pt" for s in STAGES.values())})
 
 
 def weight_tensors(obj) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -60,7 +69,12 @@ def weight_tensors(obj) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def export(source: str, out: str, fmt: str = "omni", dtype: str = "f32") -> list[str]:
-    """Export `source` into `out` in format `fmt`; returns the files written."""
+    """Export `source` into `out` in format `fmt`; returns the files written.
+
+    Every format is written whole or not at all: into a hidden temporary folder (or file, for gguf)
+    beside its target, then renamed into place (`ckpt.publish`), so an export cut off at any instant
+    leaves the previous export whole, or the new one. omni, pt and hf replace the folder `out`
+    whole (`check_replaceable`); gguf replaces its one file in `out`."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if dtype != "f32" and fmt not in ("hf", "gguf"):
@@ -68,13 +82,31 @@ def export(source: str, out: str, fmt: str = "omni", dtype: str = "f32") -> list
     obj, config, path, prefix = read_checkpoint(source)
     if fmt in ("hf", "gguf"):
         return export_thinker(obj, config, path, prefix, out, fmt, dtype)
+    check_replaceable(out)
+    return ckpt.publish(out, lambda tmp: write_suite(obj, config, path, prefix, tmp, fmt))
+
+
+def check_replaceable(out: str) -> None:
+    """A folder export replaces `out` whole: refuse one that holds anything an export does not write
+    (a checkpoint folder, another format's files), which would be lost."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out}: exists and is not a folder")
+    foreign = sorted(set(os.listdir(out)) - EXPORT_NAMES) if os.path.isdir(out) else []
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise UserError(f"--out {out}: holds {', '.join(foreign[:3])}{more}, which an export does not write; an "
+                        "export replaces its folder whole: choose a new or empty folder")
+
+
+def write_suite(obj, config: dict, path: str, prefix: str, out: str, fmt: str) -> list[str]:
+    """Write the omni or pt export of a checkpoint (read by read_checkpoint from `path`) into `out`."""
     folder = os.path.dirname(path)
     os.makedirs(out, exist_ok=True)
     written = []
     if prefix == STAGES["E"].prefix:       # bring the components along, and point the config at them
         config = dict(config)
         for key, sub in COMPONENT_DIRS.items():
-            written += export(resolve_dir(folder, config[key]), os.path.join(out, sub), fmt)
+            written += write_suite(*read_checkpoint(resolve_dir(folder, config[key])), os.path.join(out, sub), fmt)
             config[key] = sub
     if fmt == "pt":
         target = os.path.join(out, f"{prefix}.pt")
@@ -85,7 +117,7 @@ def export(source: str, out: str, fmt: str = "omni", dtype: str = "f32") -> list
         meta = {"prefix": prefix, "step": str(obj.get("step", "")), "source": os.path.abspath(path),
                 "format": "omni-export-1", "aliases": json.dumps(aliases)}
         target = os.path.join(out, ckpt.EXPORT_FILE)
-        save_file(tensors, target, metadata=meta)
+        export_llama.save_safetensors(tensors, target, meta)
     ckpt.write_json(os.path.join(out, "config.json"), config)
     written += [target, os.path.join(out, "config.json")]
     tokenizer = os.path.join(folder, ckpt.TOKENIZER_FILE)
@@ -111,10 +143,13 @@ def export_thinker(obj, config: dict, path: str, prefix: str, out: str, fmt: str
     tokenizer = os.path.join(thinker_dir, ckpt.TOKENIZER_FILE)
     if not os.path.isfile(tokenizer):
         raise UserError(f"tokenizer not found: {tokenizer} (the Thinker's folder holds it)")
+    Tokenizer(tokenizer)        # a damaged one ends in one line naming it, before anything is written
     arch = ThinkerArch.from_config(config)
     if fmt == "hf":
-        return export_llama.write_hf(weights, arch, tokenizer, out, dtype)
-    return [export_llama.write_gguf(weights, arch, tokenizer, os.path.join(out, f"thinker-{dtype}.gguf"), dtype)]
+        check_replaceable(out)
+        return ckpt.publish(out, lambda tmp: export_llama.write_hf(weights, arch, tokenizer, tmp, dtype))
+    return ckpt.publish(os.path.join(out, f"thinker-{dtype}.gguf"),
+                        lambda tmp: [export_llama.write_gguf(weights, arch, tokenizer, tmp, dtype)])
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,7 @@ import shutil
 
 import torch
 
-from omni.checkpoint import write_json
+from omni.checkpoint import atomic_write, write_json
 from omni.config import UserError
 from omni.layers import RMSNorm
 from omni.thinker import ThinkerArch
@@ -131,7 +131,6 @@ def hf_tokenizer(sp_path: str):
 def write_hf(sd: dict, arch: ThinkerArch, sp_path: str, out: str, dtype: str = "f32") -> list[str]:
     """A LlamaForCausalLM folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json
     (and the SentencePiece tokenizer.model for reference)."""
-    from safetensors.torch import save_file
     tensors = llama_tensors(sd, arch)
     if dtype == "f16":
         tensors = {name: t.half() for name, t in tensors.items()}
@@ -140,7 +139,7 @@ def write_hf(sd: dict, arch: ThinkerArch, sp_path: str, out: str, dtype: str = "
              ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")}
     tokenizer = hf_tokenizer(sp_path)
     os.makedirs(out, exist_ok=True)
-    save_file(tensors, names["model.safetensors"], metadata={"format": "pt"})
+    save_safetensors(tensors, names["model.safetensors"], {"format": "pt"})
     write_json(names["config.json"], hf_config(arch, ffn_hidden, dtype))
     tokenizer.save(names["tokenizer.json"])
     pieces = tokenizer.get_vocab()
@@ -152,6 +151,14 @@ def write_hf(sd: dict, arch: ThinkerArch, sp_path: str, out: str, dtype: str = "
         **{k: inverse[i] for k, i in special.items()}})
     shutil.copyfile(sp_path, names["tokenizer.model"])
     return list(names.values())
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict) -> None:
+    """A safetensors file, written through Python so that a full disk is an OSError (safetensors'
+    own writer reports it as a SafetensorError) and so one line (checkpoint.write_failure)."""
+    from safetensors.torch import save
+    data = save(tensors, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -11,8 +11,8 @@ import json
 import os
 
 from omni import checkpoint as ckpt
-from omni.config import UserError
-from omni.loading import checkpoint_in, read_export
+from omni.config import UserError, read_json
+from omni.loading import checkpoint_in, config_inside, read_export
 from omni.cli import run_cli
 
 
@@ -21,27 +21,27 @@ def describe(path: str) -> dict:
     export = os.path.join(path, ckpt.EXPORT_FILE) if os.path.isdir(path) else path
     if export.endswith(".safetensors") and os.path.isfile(export):
         from safetensors import safe_open
+        tensors = read_export(export)       # first: a damaged file ends in one line naming it
         with safe_open(export, "pt") as f:
             meta = f.metadata() or {}
         config_path = os.path.join(os.path.dirname(export), "config.json")
-        config = json.load(open(config_path, encoding="utf-8")) if os.path.isfile(config_path) else None
+        config = read_json(config_path) if os.path.isfile(config_path) else None
         return {"path": export, "format": "export", "step": meta.get("step"), "best_val_loss": None,
-                "weights": count_by_key(read_export(export)), "training_state": [], "config": config}
+                "weights": count_by_key(tensors), "training_state": [], "config": config}
     if os.path.isdir(path):
         path = checkpoint_in(path)[0]
     obj = ckpt.load(path)
-    kind = ckpt.kind_of(obj)
+    kind = ckpt.kind_of(obj, path)
     if kind == "legacy":
         return {"path": path, "format": "legacy", "step": None, "best_val_loss": None,
                 "weights": count_by_key(obj), "training_state": [], "config": None}
     weights = {}
-    for key, sd in obj.items():
-        if key not in ckpt.NON_WEIGHT_KEYS:
-            weights.update(count_by_key({f"{key}.{n}": t for n, t in sd.items()}))
+    for key, sd in ckpt.weight_entries(obj, path).items():
+        weights.update(count_by_key({f"{key}.{n}": t for n, t in sd.items()}))
     state = [k for k in ckpt.RESUME_KEYS if k in obj]
     return {"path": path, "format": "full" if kind == "full" else "weights-only", "step": obj.get(ckpt.STEP),
             "best_val_loss": obj.get(ckpt.BEST_VAL_LOSS), "weights": weights, "training_state": state,
-            "config": obj.get(ckpt.CONFIG)}
+            "config": config_inside(obj, path)}
 
 
 def count_by_key(flat: dict) -> dict[str, int]:

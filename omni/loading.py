@@ -12,6 +12,11 @@ load nothing themselves.
   load_omni(dir, device) -> (OmniModel, config);  load_omni_parts   Stage E and what it builds on
   load_component(dir, spec) -> (weights by key, config, path)       any stage
   checkpoint_in / read_checkpoint / stage_prefix_in / read_export / resolve_dir: finding and reading files
+
+Every config a loader reads (inside a checkpoint, or config.json beside it) is checked before a
+network is built (`check_config`): bad JSON, a value of the wrong type or out of range, or a model
+too large for this machine ends in one line naming the file and the key. Keys this version does not
+know are ignored (a checkpoint may come from a newer version); the weights still have to fit.
 """
 from __future__ import annotations
 
@@ -21,41 +26,87 @@ import os
 from omni import checkpoint as ckpt
 from omni.audio_enc import ASR, AudioEncArch, AudioEncoder
 from omni.codec import CodecArch, GriffinLimVocoder, SpeechCodec
-from omni.config import UserError
+from omni.config import UserError, check_type, read_json
 from omni.features import MelSpec
 from omni.generation import Speaker, write_wav
 from omni.omni_model import OmniModel, Projector, vision_projector
-from omni.registry import STAGES, StageSpec, prefixes
+from omni.registry import STAGES, StageSpec, by_prefix, prefixes
 from omni.talker import Talker, TalkerArch
 from omni.thinker import Thinker, ThinkerArch
 from omni.tokenizer import Tokenizer
 from omni.vision import CLIP, ViT, VisionArch
 
 
+# The architectures of each stage's model (by checkpoint prefix); Stage E builds on the others'.
+ARCHS = {STAGES["A"].prefix: (ThinkerArch,), STAGES["B"].prefix: (AudioEncArch,), STAGES["C"].prefix: (VisionArch,),
+         STAGES["D"].prefix: (CodecArch, TalkerArch), STAGES["E"].prefix: ()}
+# The other config keys the loaders (and infer.py) read, and their types.
+SETTINGS = {STAGES["D"].prefix: {"griffin_lim_iters": int},
+            STAGES["E"].prefix: {"image_size": int, "image_resize": str, "colour_apart": bool, "object_tokens": bool,
+                                 "audio_transcript": bool, "audio_frames": bool}}
+
+
 # ----------------------------------------------------------------------------- files and formats
 def load_component(ckpt_dir: str, spec: StageSpec):
     """(weights by key, config dict, path) of a stage's inference checkpoint in ckpt_dir; the
-    stage's optional weight keys are included where present."""
+    stage's optional weight keys are included where present. The config is checked (`check_config`)."""
     keys, optional = list(spec.weight_keys), spec.optional_keys
     export = os.path.join(ckpt_dir, ckpt.EXPORT_FILE)
     if os.path.isfile(export):
-        path, config = export, None
-        weights = ckpt.weights_of(read_export(export), keys, export, optional)
+        path, obj = export, read_export(export)
     else:
         path = ckpt.for_inference(ckpt_dir, spec.prefix)
         if path is None:
             raise UserError(f"no {spec.prefix} checkpoint (stage {spec.letter}) in {ckpt_dir}: "
                             f"train one with `{spec.command}`")
         obj = ckpt.load(path)
-        weights = ckpt.weights_of(obj, keys, path, optional)
-        config = obj.get("config") if ckpt.kind_of(obj) != "legacy" else None
+    weights = ckpt.weights_of(obj, keys, path, optional)
+    config = None if path == export else config_inside(obj, path)
+    return weights, config_for(path, config, spec.prefix), path
+
+
+def config_inside(obj, path: str) -> dict | None:
+    """The config saved in a checkpoint dictionary; None for a legacy state_dict or a file without one."""
+    if ckpt.kind_of(obj, path) == "legacy":
+        return None
+    config = obj.get(ckpt.CONFIG)
+    if config is not None and not isinstance(config, dict):
+        raise ckpt.CheckpointError(f"{path}: its '{ckpt.CONFIG}' entry is not a dictionary of config keys (it "
+                                   f"holds a {type(config).__name__})")
+    return config
+
+
+def config_for(path: str, config: dict | None, prefix: str) -> dict:
+    """The checked config of the checkpoint or export at `path`: `config` (from inside it), else the
+    config.json beside it."""
+    source = path
     if config is None:
-        config_path = os.path.join(ckpt_dir, "config.json")
-        if not os.path.isfile(config_path):
-            raise UserError(f"{path}: no config inside and no {config_path} beside it")
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    return weights, config, path
+        source = os.path.join(os.path.dirname(path), "config.json")
+        if not os.path.isfile(source):
+            raise UserError(f"{path}: no config inside and no {source} beside it")
+        config = read_json(source)
+    return check_config(config, prefix, source)
+
+
+def check_config(config: dict, prefix: str, source: str) -> dict:
+    """`config` once every architecture of the stage with checkpoint prefix `prefix` builds from it
+    (types, ranges, cross-field rules, the model's size: Arch.from_config), the component folders it
+    names (Stage E) are strings and its SETTINGS have their types; else UserError naming `source` and
+    the key."""
+    spec = by_prefix(prefix)
+    for key, letter in spec.components if spec else ():
+        if not isinstance(config.get(key), str) or not config[key]:
+            raise UserError(f"{source}: config key '{key}': expected the folder of a stage {letter} model, "
+                            f"got {config.get(key)!r}")
+    for key, tp in SETTINGS.get(prefix, {}).items():
+        try:
+            if key in config:
+                check_type(key, config[key], tp)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+    for arch in ARCHS.get(prefix, ()):
+        arch.from_config(config, source)
+    return config
 
 
 def read_export(path: str) -> dict:
@@ -82,9 +133,12 @@ def stage_prefix_in(folder: str) -> str | None:
     """Which stage's model a folder holds: the prefix of its export, else of its first checkpoint."""
     export = os.path.join(folder, ckpt.EXPORT_FILE)
     if os.path.isfile(export):
-        from safetensors import safe_open
-        with safe_open(export, "pt") as f:
-            return (f.metadata() or {}).get("prefix")
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(export, "pt") as f:
+                return (f.metadata() or {}).get("prefix")
+        except (SafetensorError, OSError) as e:
+            raise ckpt.CheckpointError(f"{export}: unreadable export: {e}") from None
     return next((p for p in prefixes() if ckpt.for_inference(folder, p)), None)
 
 
@@ -107,17 +161,13 @@ def checkpoint_in(path: str) -> tuple[str, str]:
 
 def read_checkpoint(source: str) -> tuple[dict, dict, str, str]:
     """(checkpoint object, config, file, stage prefix); the config from inside the checkpoint, else
-    from config.json beside it."""
+    from config.json beside it, checked (`check_config`), and every weight key a state_dict."""
     path, prefix = checkpoint_in(source)
     obj = ckpt.load(path)
-    config = obj.get("config") if ckpt.kind_of(obj) != "legacy" else None
-    config_path = os.path.join(os.path.dirname(path), "config.json")
-    if config is None and os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    if config is None:
-        raise UserError(f"{path}: no config inside and no config.json beside it")
-    return obj, config, path, prefix
+    config = config_inside(obj, path)
+    if ckpt.kind_of(obj) != "legacy":
+        ckpt.weight_entries(obj, path)
+    return obj, config_for(path, config, prefix), path, prefix
 
 
 # ----------------------------------------------------------------------------- the stages' models

@@ -6,7 +6,8 @@
   "tensorboard" in `log_to`, the same records also go to event files under `{save_dir}/tb`.
   On resume, records past the resumed step (written by the run that was cut off) are dropped from
   metrics.jsonl, and the event files are replaced by one rebuilt from the trimmed metrics.jsonl,
-  so neither log holds a step twice.
+  so neither log holds a step twice. `read_records` is its one reader: a line that is not a whole
+  record (the torn last line of an append cut by a full disk or a crash) is dropped with a note.
 - `Progress`: a tqdm bar when its stream is a terminal; otherwise (a pipe, `make demo > log`) a
   plain line every tenth of the work or every 30 s, with no carriage returns.
 """
@@ -30,8 +31,7 @@ EVENT_PREFIX = "events.out.tfevents."
 
 def log(rt, message: str) -> None:
     if rt.is_main:
-        tqdm.write(message, file=sys.stdout)
-        sys.stdout.flush()
+        note(message)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -43,6 +43,34 @@ def summary_writer_class():
         raise UserError("config key 'log_to': 'tensorboard' needs the tensorboard package: "
                         "pip install -r requirements-extra.txt") from None
     return SummaryWriter
+
+
+def note(message: str) -> None:
+    """A line on stdout from whoever calls it (drawn above a progress bar, if any)."""
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def read_records(path: str, on_bad=note) -> list[dict]:
+    """The records of a metrics.jsonl, in order. A line that is not a JSON object with an integer
+    "step" is dropped and `on_bad` told, naming the file and line: the last line is torn when an
+    append was cut off (a full disk, a kill); any other is damaged."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f]
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            what = "a torn last line" if number == len(lines) else "a line that is not a metrics record"
+            on_bad(f"{path}: dropped {what} (line {number})")
+    return records
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -64,12 +92,11 @@ class MetricsLog:
             return
         kept = []
         if os.path.isfile(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
-            ckpt.atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
+            kept = [r for r in read_records(self.path) if r["step"] <= resumed_step]
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            ckpt.atomic_write(self.path, lambda f: f.write(text.encode()))
         if writer_class is not None:
-            self.writer = self._rebuild_events(os.path.join(save_dir, TB_DIR), [json.loads(x) for x in kept],
-                                               writer_class)
+            self.writer = self._rebuild_events(os.path.join(save_dir, TB_DIR), kept, writer_class)
 
     @staticmethod
     def _rebuild_events(tb_dir: str, records: list[dict], writer_class):
@@ -88,10 +115,15 @@ class MetricsLog:
         return writer
 
     def write(self, record: dict) -> None:
+        """Append one record. A write that fails (a full disk) cuts the file back to its length
+        before it, so no torn line is left, and raises `ckpt.write_failure`'s one line."""
         if not self.active:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        try:
+            append_whole(self.path, line)
+        except OSError as e:
+            raise ckpt.write_failure(e, self.path) from None
         if self.writer is not None:
             for tag, value in scalars(record).items():
                 self.writer.add_scalar(tag, value, record["step"])
@@ -101,6 +133,26 @@ class MetricsLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def append_whole(path: str, data: bytes) -> None:
+    """Append `data` to `path`, or on an OSError truncate the file back to where it ended (when
+    that is possible) and re-raise. Unbuffered, so nothing half-written is flushed again later."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass            # then read_records drops the torn line at the next start
+            raise
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- progress

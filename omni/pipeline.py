@@ -7,12 +7,15 @@ runs beside the stages after it (its output in its save_dir/pipeline.log); the p
 it before the table. A failing stage stops the run with its error (a background stage already
 started runs to its end); the other stages' outputs stay as they are. At the end: a table per
 stage (steps, wall time, final validation metrics, folder) and loss/metric curves as PNG.
+SIGTERM or Ctrl-C stops the running trainers (each saves its step) and then the pipeline, with
+status 128 + signal (`Children`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 
 from omni import checkpoint as ckpt
 from omni.config import UserError, config_dict, inherits, load_config, read_json
+from omni.logs import METRICS_FILE, read_records
 from omni.registry import STAGES
 from omni.stages import stage_class
 from omni.cli import run_cli
@@ -92,18 +96,18 @@ def is_finished(run: StageRun, resolved: dict) -> bool:
 def best_val_metrics(save_dir: str) -> dict:
     """The validation whose weights inference loads ({prefix}_best.pt: the first lowest val_loss),
     with its step."""
-    path = os.path.join(save_dir, "metrics.jsonl")
+    path = os.path.join(save_dir, METRICS_FILE)
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        vals = [json.loads(line) for line in f if '"val"' in line]
+    vals = [r for r in read_records(path) if r.get("split") == "val"]
     best = min(vals, key=lambda v: v.get("val_loss", float("inf")), default={})
     return {k: v for k, v in best.items() if k != "split"}
 
 
-def start_stage(run: StageRun, extra: list[str]) -> None:
+def start_stage(run: StageRun, extra: list[str], children: Children | None = None) -> None:
     """Skip the stage when it is finished, else start its trainer: its output goes to the terminal,
-    or, for a background stage, to save_dir/pipeline.log."""
+    or, for a background stage, to save_dir/pipeline.log. The trainer runs in a session of its own
+    and is registered with `children`, which passes the pipeline's stop signals on to it."""
     cls = stage_class(run.letter)
     overrides = run.overrides + extra
     resolved = config_dict(load_config(cls.config_class, run.config, overrides))
@@ -121,7 +125,10 @@ def start_stage(run: StageRun, extra: list[str]) -> None:
     where = f"  (in the background; output in {run.save_dir}/{BACKGROUND_LOG})" if output else ""
     print(f"\n=== stage {run.letter}: {' '.join(cmd[1:])}{where}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT if output else None)
+    proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT if output else None,
+                            start_new_session=children is not None)
+    if children is not None:
+        children.add(proc)
     if output:
         output.close()       # the trainer holds its own copy
 
@@ -130,6 +137,44 @@ def start_stage(run: StageRun, extra: list[str]) -> None:
         run.seconds = time.perf_counter() - start
     run.waiter = threading.Thread(target=wait, daemon=True)
     run.waiter.start()
+
+
+class Children:
+    """The trainers the pipeline started. While installed (in the main thread), a SIGTERM or SIGINT
+    the pipeline receives goes on to every running trainer (SIGHUP, a closed terminal, as SIGTERM),
+    which saves its step and exits 128 + signal as it does on its own; the pipeline starts no further
+    stage, waits for them and exits 128 + signal. The trainers have sessions of their own, so a
+    Ctrl-C at the terminal reaches each once, through here: twice would stop them without a save.
+    A SIGKILLed pipeline cannot pass anything on; its orphan trainer still holds its folder's lock,
+    so a restarted pipeline's trainer on that folder stops with the lock's one-line error."""
+    SIGNALS = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGINT, signal.SIGHUP: signal.SIGTERM}
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+        self.signum: int | None = None
+        self.previous = {}
+
+    def __enter__(self) -> Children:
+        if threading.current_thread() is threading.main_thread():     # signal handlers live there only
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+        for proc in self.procs:
+            self.forward(proc, signum)
+
+    def add(self, proc: subprocess.Popen) -> None:
+        self.procs.append(proc)
+        if self.signum:       # the signal came while it was being started
+            self.forward(proc, self.signum)
+
+    def forward(self, proc: subprocess.Popen, signum: int) -> None:
+        proc.send_signal(self.SIGNALS[signum])      # nothing when it has already been waited for
 
 
 def finish_stage(run: StageRun) -> int:
@@ -203,14 +248,22 @@ def main(argv=None) -> int:
         from omni.data.demo import ensure_demo_world  # optional: only when the config names a demo world
         ensure_demo_world(spec["demo_dir"], spec.get("demo_size", "small"))
     failed = []
-    for run in runs:
-        start_stage(run, args.set)
-        if not run.background and finish_stage(run):
-            failed.append(run)
-            break
-    for run in runs:     # the background stages still running (a failed stage stops none of them)
-        if run.background and (run.waiter or run.status != "pending") and finish_stage(run):
-            failed.append(run)
+    with Children() as children:
+        for run in runs:
+            if children.signum:
+                break
+            start_stage(run, args.set, children)
+            if not run.background and finish_stage(run):
+                failed.append(run)
+                break
+        for run in runs:     # the background stages still running (a failed stage stops none of them)
+            if run.background and (run.waiter or run.status != "pending") and finish_stage(run):
+                failed.append(run)
+    if children.signum:
+        print(f"\npipeline stopped by {signal.Signals(children.signum).name}: its running stages saved their "
+              "checkpoints and stopped; run the pipeline again to resume.", file=sys.stderr)
+        print("\n" + table(runs))
+        return 128 + children.signum
     for run in failed:
         print(f"\nstage {run.letter} failed (exit {run.exit_code}); the other stages' outputs are kept. "
               "Fix the error and run the pipeline again: it resumes there.", file=sys.stderr)

@@ -6,7 +6,6 @@ left, the other validation metrics on the right. Needs matplotlib (an optional d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import matplotlib
@@ -16,16 +15,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from omni.cli import run_cli  # noqa: E402
 from omni.config import UserError  # noqa: E402
+from omni.logs import METRICS_FILE, read_records  # noqa: E402
 
 SKIP = {"step", "split", "val_loss", "lr", "skipped_samples", "steps_per_s", "grad_norm"}
 
 
 def read_metrics(save_dir: str) -> tuple[list[dict], list[dict]]:
-    path = os.path.join(save_dir, "metrics.jsonl")
+    path = os.path.join(save_dir, METRICS_FILE)
     if not os.path.isfile(path):
-        raise UserError(f"no metrics.jsonl in {save_dir}")
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        raise UserError(f"no {METRICS_FILE} in {save_dir}")
+    rows = read_records(path)
     return [r for r in rows if r.get("split") == "train"], [r for r in rows if r.get("split") == "val"]
 
 

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from omni.config import arch_from_config
+from omni.codec import CodecArch
+from omni.config import Arch, check_heads, non_negative, positive, probability
 from omni.layers import Transformer, pad_stack, sample_next
 from omni.transcripts import LEGACY_TALKER_CHARS, Charset, normalize_transcript
 
@@ -54,23 +55,30 @@ def text_to_ids(text: str, charset: Charset = _LEGACY) -> torch.Tensor:
 
 
 @dataclass
-class TalkerArch:
-    d_model: int = 192
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    ffn_hidden: int = 0            # 0: about 8/3 * d_model
-    max_seq_len: int = 512         # characters + code frames + 1
-    dropout: float = 0.1
-    text_layers: int = 2           # bidirectional layers over the prefix (0 = none)
-    frame_dropout: float = 0.0     # training: share of input code frames hidden, so the text must be read
-    cond_dim: int = 0              # > 0: also accept Thinker hidden states of this width
-    n_sources: int = 2             # speech sources (0 = the Talker's own voice, 1 = extra voices)
-    text_window: int = 4           # > 0: each speech frame also gets the encoded characters within
-                                   # this many of where its progress points (0 = attention only)
+class TalkerArch(Arch):
+    d_model: int = positive(192)
+    n_layers: int = positive(4)
+    n_heads: int = positive(4)
+    n_kv_heads: int = positive(2)
+    ffn_hidden: int = non_negative(0)   # 0: about 8/3 * d_model
+    max_seq_len: int = positive(512)    # characters + code frames + 1
+    dropout: float = probability(0.1)
+    text_layers: int = non_negative(2)  # bidirectional layers over the prefix (0 = none)
+    frame_dropout: float = probability(0.0)  # training: share of input code frames hidden, so the text must be read
+    cond_dim: int = non_negative(0)     # > 0: also accept Thinker hidden states of this width
+    n_sources: int = positive(2)        # speech sources (0 = the Talker's own voice, 1 = extra voices)
+    text_window: int = non_negative(4)  # > 0: each speech frame also gets the encoded characters within
+                                        # this many of where its progress points (0 = attention only)
     charset: str = ""              # characters read; "": the stage fills it from the training transcripts
 
-    from_config = classmethod(arch_from_config)
+    def __post_init__(self):
+        super().__post_init__()
+        check_heads(self, "d_model", "n_heads", "n_kv_heads", rotary=True)
+
+    def network(self):
+        """The Talker over the default codec's codebooks (the codec's own check covers their size)."""
+        codec = CodecArch()
+        return Talker(self, codec.n_codebooks, codec.codebook_size)
 
 
 def progress_features(ratio: torch.Tensor) -> torch.Tensor:

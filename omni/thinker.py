@@ -1,28 +1,34 @@
 """The Thinker: a decoder-only language model over token ids or ready-made embeddings."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from omni.config import arch_from_config
+from omni.config import Arch, above, check_heads, non_negative, positive, probability
 from omni.layers import KVCache, Transformer, sample_next
 
 
 @dataclass
-class ThinkerArch:
-    vocab_size: int = 512
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    ffn_hidden: int = 0        # 0: about 8/3 * d_model
-    max_seq_len: int = 256
-    dropout: float = 0.0
-    rope_theta: float = 10000.0
+class ThinkerArch(Arch):
+    # SentencePiece counts pieces in an int32 (and token shards hold ids as uint16 or uint32)
+    vocab_size: int = field(default=512, metadata={"min": 1, "max": 2**31 - 1})
+    d_model: int = positive(128)
+    n_layers: int = positive(4)
+    n_heads: int = positive(4)
+    n_kv_heads: int = positive(2)
+    ffn_hidden: int = non_negative(0)   # 0: about 8/3 * d_model
+    max_seq_len: int = positive(256)
+    dropout: float = probability(0.0)
+    rope_theta: float = above(10000.0)
 
-    from_config = classmethod(arch_from_config)   # the architecture keys of a stage config
+    def __post_init__(self):
+        super().__post_init__()
+        check_heads(self, "d_model", "n_heads", "n_kv_heads", rotary=True)
+
+    def network(self):
+        return Thinker(self)
 
 
 class Thinker(nn.Module):

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from omni.config import arch_from_config
+from omni.config import Arch, ArchError, check_heads, non_negative, positive, probability
 from omni.layers import Transformer, pad_stack
 
 SPECIALS = ["<pad>", "<unk>", "<cls>"]
@@ -29,23 +29,35 @@ LOG_SCALE_MAX = math.log(100.0)       # clamp: a larger scale makes the loss uns
 
 
 @dataclass
-class VisionArch:
-    image_size: int = 64
-    patch_size: int = 8
+class VisionArch(Arch):
+    image_size: int = positive(64)
+    patch_size: int = positive(8)
     conv_stem: bool = False       # patches through small convolutions instead of one linear map
-    vit_dim: int = 128
-    vit_layers: int = 4
-    vit_heads: int = 4
-    text_dim: int = 96
-    text_layers: int = 2
-    text_heads: int = 4
-    embed_dim: int = 128          # the shared image-caption space
-    max_words: int = 32           # caption positions, the <cls> token included
-    decoder_layers: int = 0       # > 0: a caption decoder over all ViT tokens is trained too
-    dropout: float = 0.1
+    vit_dim: int = positive(128)
+    vit_layers: int = positive(4)
+    vit_heads: int = positive(4)
+    text_dim: int = positive(96)
+    text_layers: int = positive(2)
+    text_heads: int = positive(4)
+    embed_dim: int = positive(128)      # the shared image-caption space
+    max_words: int = positive(32)       # caption positions, the <cls> token included
+    decoder_layers: int = non_negative(0)   # > 0: a caption decoder over all ViT tokens is trained too
+    dropout: float = probability(0.1)
     vocab: list[str] = field(default_factory=list)   # empty: built from the training captions
 
-    from_config = classmethod(arch_from_config)   # the architecture keys of a stage config
+    def __post_init__(self):
+        super().__post_init__()
+        check_heads(self, "vit_dim", "vit_heads")
+        check_heads(self, "text_dim", "text_heads")
+        if self.image_size % self.patch_size:
+            raise ArchError(f"config key 'image_size': must be a multiple of patch_size ({self.patch_size}), "
+                            f"got {self.image_size}")
+        if self.conv_stem and self.patch_size % 8:      # its three stride-2 convolutions cover 8 pixels
+            raise ArchError(f"config key 'patch_size': conv_stem needs a patch_size divisible by 8, "
+                            f"got {self.patch_size}")
+
+    def network(self):
+        return CLIP(self)
 
 
 # ----------------------------------------------------------------------------- captions
@@ -78,9 +90,8 @@ def conv_stem(dim: int, patch: int) -> nn.Sequential:
     patch_size/8 patchify: the same token grid as a linear patch embedding, but each token has seen
     a 27 x 27 pixel neighbourhood through edges and corners (a whole small demo shape). The ViT
     learns shape much faster behind it than behind one linear map per 8x8 block, and BatchNorm is
-    what lets this deeper stem train at all (measured: docs/stage_c_vision.md)."""
-    if patch % 8:
-        raise ValueError(f"conv_stem needs a patch_size divisible by 8, got {patch}")
+    what lets this deeper stem train at all (measured: docs/stage_c_vision.md). patch_size is a
+    multiple of 8 (VisionArch)."""
 
     def conv(c_in, c_out, stride):
         return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
@@ -94,9 +105,7 @@ class ViT(nn.Module):
 
     def __init__(self, arch: VisionArch):
         super().__init__()
-        if arch.image_size % arch.patch_size:
-            raise ValueError(f"image_size {arch.image_size} is not a multiple of patch_size {arch.patch_size}")
-        n = (arch.image_size // arch.patch_size) ** 2
+        n = (arch.image_size // arch.patch_size) ** 2     # image_size is a multiple of patch_size (VisionArch)
         self.image_size, self.out_dim, self.num_tokens = arch.image_size, arch.vit_dim, n + 1
         self.patch = conv_stem(arch.vit_dim, arch.patch_size) if arch.conv_stem else \
             nn.Conv2d(3, arch.vit_dim, arch.patch_size, stride=arch.patch_size)

@@ -124,7 +124,7 @@ def tiny_stage_configs(demo: str, root) -> dict:
     from test_talker import tiny_stage_config as talker_config
     from test_vision import vision_config
     text = (f"{demo}/text/train.txt", f"{demo}/text/val.txt")
-    return {"A": thinker_config(text, root / "thinker", vocab_size=160, max_seq_len=160, max_steps=9),
+    return {"A": thinker_config(text, root / "thinker", vocab_size=160, max_seq_len=256, max_steps=9),
             "B": audio_enc_config(demo, root / "audio_enc", max_steps=9),
             "C": vision_config(demo, root / "vision", max_steps=9, decoder_layers=1, recolour_share=0.5),
             "D": talker_config(demo, root / "talker"),
@@ -163,3 +163,16 @@ def record_cache_buffers(transformer) -> list:
 
     transformer.forward = recording
     return seen
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 64 KiB tmpfs folder, where writes meet a real ENOSPC (mounting needs root: skipped where it
+    cannot); unmounted after the test."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield small
+    subprocess.run(["umount", str(small)], check=True)

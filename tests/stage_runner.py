@@ -14,6 +14,11 @@ Environment variables (test-only; the trainers themselves have no such hooks):
   OMNI_TEST_KILL_IN_SAVE=N     SIGKILL this process halfway through writing the step-N checkpoint
   OMNI_TEST_ENOSPC_IN_SAVE=N   the disk fills up 4 KiB into the step-N checkpoint: its writes
                                raise OSError(ENOSPC), as a full filesystem's would
+  OMNI_TEST_ENOSPC_IN_DCP=N    the same in the step-N DCP folder (parallel=fsdp): this rank's
+                               shard writes, after a partial file, raise OSError(ENOSPC)
+  OMNI_TEST_ENOSPC_IN_TRAINER_PT=N  the same in the trainer.pt of the step-N DCP folder (rank 0)
+  OMNI_TEST_SIGINT_IN_SAVE=N   Ctrl-C twice halfway through writing the step-N checkpoint, as an
+                               impatient user would (the second one arrives inside the save)
   OMNI_TEST_ONLY_RANK=R        under torchrun, inject the faults above into rank R only
   OMNI_TEST_LOG_BATCHES=PATH   append every training batch's sample indices this rank draws to
                                PATH.rank{RANK}, one JSON list a line
@@ -52,6 +57,8 @@ def install_faults(env) -> None:
         env.get("OMNI_TEST_SIGTERM_ALL") == "1"
     kill_in_save, enospc_in_save = number("OMNI_TEST_KILL_IN_SAVE"), number("OMNI_TEST_ENOSPC_IN_SAVE")
     kill_in_eval = number("OMNI_TEST_KILL_IN_EVAL")
+    enospc_in_dcp, enospc_in_trainer = number("OMNI_TEST_ENOSPC_IN_DCP"), number("OMNI_TEST_ENOSPC_IN_TRAINER_PT")
+    sigint_in_save = number("OMNI_TEST_SIGINT_IN_SAVE")
     if env.get("OMNI_TEST_KILL_AFTER_S"):
         timer = threading.Timer(float(env["OMNI_TEST_KILL_AFTER_S"]), os.kill, (os.getpid(), signal.SIGKILL))
         timer.daemon = True
@@ -82,9 +89,15 @@ def install_faults(env) -> None:
         real_save(path, payload)
 
     def atomic_write(path, write):
-        if path.endswith(f"_step_{enospc_in_save}.pt"):
+        if path.endswith(f"_step_{enospc_in_save}.pt") or \
+                path.endswith(f"_step_{enospc_in_trainer}.dcp.tmp/trainer.pt"):
             return real_atomic_write(path, lambda f: write(FullDisk(f)))
+        if path.endswith(f"_step_{sigint_in_save}.pt"):
+            return real_atomic_write(path, lambda f: write(CtrlCTwice(f)))
         return real_atomic_write(path, write)
+
+    if enospc_in_dcp >= 0:
+        full_disk_in_dcp(f"_step_{enospc_in_dcp}.dcp.tmp")
 
     loop.train_step, loop.validate, ckpt.save, ckpt.atomic_write = train_step, validate, save, atomic_write
 
@@ -97,6 +110,40 @@ def log_batches(path: str) -> None:
                     f.write(json.dumps([i for i, _ in batch]) + "\n")
                 yield batch
     loop.ResumableBatchSampler = LoggedSampler
+
+
+def full_disk_in_dcp(folder_suffix: str) -> None:
+    """DCP's file writer, failing in folders whose name ends with `folder_suffix` as a full disk
+    would: a partial shard file, then OSError(ENOSPC) (which DCP reports from every rank)."""
+    import torch.distributed.checkpoint as dcp
+
+    class FullDiskWriter(dcp.FileSystemWriter):
+        def write_data(self, plan, planner):
+            if str(self.path).endswith(folder_suffix):
+                with open(os.path.join(self.path, f"__{os.environ.get('RANK', '0')}_0.distcp"), "wb") as f:
+                    f.write(b"\0" * 4096)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write_data(plan, planner)
+    dcp.FileSystemWriter = FullDiskWriter
+
+
+class CtrlCTwice:
+    """A file that receives two SIGINTs once 4 KiB are written: the second one inside the save."""
+
+    def __init__(self, f, room: int = 4096):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if self.room >= 0 and len(data) > self.room:
+            self.room = -1
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        elif self.room >= 0:
+            self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
 
 
 class FullDisk:

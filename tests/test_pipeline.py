@@ -2,11 +2,16 @@
 inspect -> infer, and infer's spoken questions and answers."""
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import soundfile as sf
 
-from conftest import ROOT, run_script, tiny_stage_configs as stage_configs, write_config
+from conftest import ROOT, run_script, thinker_config, tiny_stage_configs as stage_configs, write_config
+from test_rundir import alive, holder, wait_for
 
 LETTERS = "ABCDE"
 
@@ -226,3 +231,80 @@ def test_sft_names_the_missing_stage_and_its_command(tmp_path, corpus):
                                         '{"role": "assistant", "content": "hello"}]}\n')
     proc = run_script("sft_omni.py", "--config", write_config(tmp_path / "e.json", cfg))
     assert proc.returncode == 2 and "no_thinker" in proc.stderr and "train_text.py" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- ending the pipeline
+def long_stage_a(corpus, tmp_path) -> tuple[str, str]:
+    """A pipeline of one Stage A run that trains until it is stopped: (pipeline path, save_dir)."""
+    save_dir = str(tmp_path / "thinker")
+    cfg = thinker_config(corpus, save_dir, max_steps=100000, checkpoint_freq=1000, eval_interval=1000)
+    stages = [{"stage": "A", "config": write_config(tmp_path / "a.json", cfg)}]
+    return write_config(tmp_path / "pipeline.json", {"stages": stages}), save_dir
+
+
+def start_pipeline(path: str, log) -> subprocess.Popen:
+    """The pipeline in a session of its own (so a test can end all it started), output to `log`."""
+    return subprocess.Popen([sys.executable, "-m", "omni.pipeline", path], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": ROOT}, start_new_session=True)
+
+
+def training_child(pipeline: subprocess.Popen, save_dir: str) -> int:
+    """The pid of the pipeline's trainer once it holds save_dir and has taken a step."""
+    wait_for(lambda: holder(save_dir).get("pid") not in (None, pipeline.pid)
+             and os.path.isfile(os.path.join(save_dir, "metrics.jsonl")), "the stage's trainer to train")
+    return holder(save_dir)["pid"]
+
+
+def end_all(pipeline: subprocess.Popen, *pids: int) -> None:
+    for pid in pids:
+        if pid and alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    try:
+        os.killpg(pipeline.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pipeline.wait()
+    wait_for(lambda: not any(pid and alive(pid) for pid in pids), "the trainers to end", timeout=30)
+
+
+def test_sigterm_to_the_pipeline_stops_its_trainer_which_saves_then_the_pipeline(corpus, tmp_path):
+    path, save_dir = long_stage_a(corpus, tmp_path)
+    child = 0
+    with open(tmp_path / "pipeline.out", "w+") as log:
+        pipeline = start_pipeline(path, log)
+        try:
+            child = training_child(pipeline, save_dir)
+            os.kill(pipeline.pid, signal.SIGTERM)         # the pipeline alone, as `kill PID` would
+            assert pipeline.wait(timeout=120) == 143
+            assert not alive(child)                       # waited for, not left behind
+            log.seek(0)
+            out = log.read()
+        finally:
+            end_all(pipeline, child)
+    stopped = [int(n) for n in re.findall(r"thinker: stopped by SIGTERM at step (\d+)", out)]
+    assert len(stopped) == 1, out[-3000:]
+    assert os.path.isfile(os.path.join(save_dir, f"thinker_step_{stopped[0]}.pt"))
+    assert "pipeline stopped by SIGTERM" in out and holder(save_dir) == {}
+
+
+def test_a_killed_pipelines_orphan_keeps_a_restarted_pipeline_off_its_folder(corpus, tmp_path):
+    path, save_dir = long_stage_a(corpus, tmp_path)
+    orphan = 0
+    with open(tmp_path / "first.out", "w") as first_log, open(tmp_path / "second.out", "w+") as second_log:
+        pipeline = start_pipeline(path, first_log)
+        again = None
+        try:
+            orphan = training_child(pipeline, save_dir)
+            os.kill(pipeline.pid, signal.SIGKILL)
+            pipeline.wait()
+            assert alive(orphan)                          # SIGKILL passes nothing on: an orphan trains on
+            again = start_pipeline(path, second_log)
+            assert again.wait(timeout=120) == 2
+            second_log.seek(0)
+            out = second_log.read()
+            assert f"error: {save_dir} is in use by another run (pid {orphan} on " in out, out[-3000:]
+            assert "stage A failed (exit 2)" in out and holder(save_dir)["pid"] == orphan
+        finally:
+            end_all(pipeline, orphan)
+            if again is not None:
+                end_all(again)

@@ -8,6 +8,8 @@ the long one (nothing distorted, the borders lost), "pad" scales the long side t
 the short one equally on both sides with 0 (mid grey; nothing lost, fewer useful pixels)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
@@ -18,6 +20,12 @@ from omni.data.recolour import drop_words, recolour
 
 
 RESIZE_MODES = ("squash", "center_crop", "pad")
+# The largest image decoded (width x height, read from the file's header first): decoding and the float
+# tensor cost about 30 bytes a pixel, so a 12000 x 12000 PNG of 420 KB took 13.7 s and 4.4 GB at every
+# load (issue 38), for a model that sees it at image_size. 50 megapixels still takes
+# the photos of 48 MP phone cameras (8064 x 6048) and 45 MP full-frame cameras; PIL itself only
+# warns from 89 MP on and refuses from 179 MP. Config key `max_image_pixels` of stages C and E.
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 def fit_square(img: torch.Tensor, size: int, mode: str = "squash") -> torch.Tensor:
@@ -42,16 +50,26 @@ def fit_square(img: torch.Tensor, size: int, mode: str = "squash") -> torch.Tens
     return img
 
 
-def read_image(path: str, size: int, resize: str = "squash") -> torch.Tensor:
-    """RGB float image [3, size, size] in [-1, 1] from an image of any size (`resize`: one of
-    RESIZE_MODES); SampleError saying why if it cannot be used (missing, empty, not an image, damaged)."""
+def read_image(path: str, size: int, resize: str = "squash", max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """RGB float image [3, size, size] in [-1, 1] from an image of any size up to max_pixels (width x
+    height; `resize`: one of RESIZE_MODES); SampleError saying why if it cannot be used (missing, empty,
+    not an image, damaged, larger than max_pixels: known from the header, never decoded)."""
     # PIL decodes (torchvision's own decoders are deprecated in favour of torchcodec).
     try:
-        with Image.open(media_file(path)) as im:
+        with warnings.catch_warnings():     # PIL's warning of a large image: max_pixels, below it, decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(media_file(path))   # lazy: reads the header; convert() decodes
+        with im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise SampleError(f"{path}: {width}x{height} image ({width * height / 1e6:.1f} megapixels) is "
+                                  f"larger than max_image_pixels {max_pixels:_}")
             img = pil_to_tensor(im.convert("RGB"))
     except UnidentifiedImageError:
         raise SampleError(f"{path}: not an image (PIL cannot identify it)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:    # past PIL's own limit, refused at open
+        raise SampleError(f"{path}: image too large ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise SampleError(f"{path}: damaged image ({e})") from None
     return fit_square(img.float() / 127.5 - 1.0, size, resize)
 
@@ -71,16 +89,16 @@ class ImageCaptionDataset(ManifestDataset):
     """{"image": [3, S, S], "caption": str} per record of an image-caption manifest."""
 
     def __init__(self, records, image_size: int = 64, max_shift: int = 0, resize: str = "squash",
-                 recolour_share: float = 0.0, **kw):
+                 recolour_share: float = 0.0, max_pixels: int = MAX_IMAGE_PIXELS, **kw):
         super().__init__(records, **kw)
-        self.image_size, self.max_shift, self.resize = image_size, max_shift, resize
+        self.image_size, self.max_shift, self.resize, self.max_pixels = image_size, max_shift, resize, max_pixels
         self.recolour_share = recolour_share    # demo world only (omni/data/recolour.py)
 
     def load(self, record, generator):
         caption = str(record["caption"]).strip()
         if not caption:
             raise SampleError("empty caption")
-        img = read_image(record["image"], self.image_size, self.resize)
+        img = read_image(record["image"], self.image_size, self.resize, self.max_pixels)
         if generator is not None:
             if self.recolour_share:
                 img, repainted = recolour(img, generator, self.recolour_share)

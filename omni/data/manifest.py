@@ -3,9 +3,10 @@
 `read_manifest` turns every line into a dict of the canonical field names a dataset asks for;
 `columns` maps a canonical name to the column a user's file has (e.g. {"text": "transcript"}),
 so LibriSpeech- or COCO-style lists work after conversion to one of these formats. A manifest
-that cannot be read as a whole (missing, not UTF-8, a line that is not JSON, a record or a CSV
-header without a required field) stops the run at startup with one line naming the file, the
-line and the field: it is cheap to fix and would otherwise skip every line it breaks.
+that cannot be read as a whole (missing, not a regular file, not UTF-8, a line that is not JSON, a
+record or a CSV header without a required field, a field of the wrong JSON type) stops the run at
+startup with one line naming the file, the line and the field: it is cheap to fix and would
+otherwise skip every line it breaks.
 
 `ManifestDataset` loads samples by key (index, epoch). A sample that cannot be used (missing,
 empty, undecodable or silent file, empty text) is skipped: a warning names it the first time this
@@ -24,10 +25,12 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
-from omni.data.common import DataError
+from omni.data.common import DataError, require_regular
 from omni.data.sampler import sample_generator
 
 NAMED_BAD_SAMPLES = 20      # warnings per dataset and process; past that, bad samples are only counted
+JSON_TYPES = {str: "a string", list: "a list", dict: "an object", bool: "true or false", int: "a number",
+              float: "a number"}
 
 
 class SampleError(Exception):
@@ -52,12 +55,16 @@ def media_file(path: str) -> str:
 
 
 def read_manifest(path: str, fields: list[str], columns: dict[str, str] | None = None,
-                  path_fields: tuple[str, ...] = ("audio", "image"), optional: tuple[str, ...] = ()) -> list[dict]:
+                  path_fields: tuple[str, ...] = ("audio", "image"), optional: tuple[str, ...] = (),
+                  types: dict[str, type] | None = None) -> list[dict]:
     """Records with the canonical `fields` (plus `optional` ones when present), in file order.
 
     Every record also has "_source" ("manifest line N") for error messages. Paths in
-    `path_fields` are made relative to the manifest's folder.
+    `path_fields` are made relative to the manifest's folder. Every field is a string (a JSON
+    manifest may hold any JSON value) unless `types` names another type for it, e.g.
+    {"conversation": list}.
     """
+    require_regular(path, "manifest")
     if not os.path.isfile(path):
         raise DataError(f"manifest not found: {path}")
     columns = columns or {}
@@ -80,6 +87,10 @@ def read_manifest(path: str, fields: list[str], columns: dict[str, str] | None =
                 if name in optional:
                     continue
                 raise DataError(f"{path} line {line_no}: empty field '{column}'")
+            expected = (types or {}).get(name, str)
+            if not isinstance(value, expected):
+                raise DataError(f"{path} line {line_no}: field '{column}' must be {JSON_TYPES[expected]}, "
+                                f"not {JSON_TYPES.get(type(value), type(value).__name__)}")
             if name in path_fields:
                 value = os.path.join(folder, str(value))
             record[name] = value

@@ -2,17 +2,22 @@
 from the (frozen) encoders of stages B and C."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from omni.config import TrainConfig, UserError, choice, fraction, inherit, inherited
-from omni.data.image import RESIZE_MODES
+import torch
+
+from omni.colours import MAX_OBJECTS
+from omni.config import TrainConfig, UserError, choice, fraction, inherit, inherited, positive
+from omni.data.audio import audio_frames
+from omni.data.image import MAX_IMAGE_PIXELS, RESIZE_MODES
 from omni.data.common import require_files
-from omni.data.manifest import read_manifest
+from omni.data.manifest import SampleError, read_manifest
 from omni.metrics import error_counts
-from omni.data.sft import SFTDataset, read_sft_manifest
+from omni.data.sft import SFTDataset, check_conversation, longest_audio, read_sft_manifest
 from omni.features import MelSpec
 from omni.loading import load_omni_parts
-from omni.omni_model import AnswerSmoothing, OmniModel, Projector, vision_projector
+from omni.omni_model import AnswerSmoothing, Media, OmniModel, Projector, vision_projector
 from omni.logs import log
 from omni.registry import STAGES
 from omni.train.stage import Stage
@@ -42,6 +47,8 @@ class OmniSFTConfig(TrainConfig):
     image_size: int = inherited()   # 0: the vision encoder's (vision_dir); saved filled in
     n_mels: int = inherited()       # 0: the audio encoder's (audio_enc_dir); saved filled in
     image_resize: str = choice(*RESIZE_MODES)   # as the vision stage was trained (omni/data/image.py)
+    # larger images (width x height, from the header) are bad samples, never decoded (omni/data/image.py)
+    max_image_pixels: int = positive(MAX_IMAGE_PIXELS)
     # Demo-world options for colour-shape pairs held out from training (omni/colours.py, data/recolour.py):
     colour_apart: bool = False      # the ViT sees silhouettes; patch colours are added after the projector
     object_tokens: bool = False     # with colour_apart: one image token per object, not per patch
@@ -106,6 +113,43 @@ def auxiliary_records(path: str, media: str, text: str, prompt: str, kind: str) 
             for r in read_manifest(path, [media, text])]
 
 
+@torch.no_grad()
+def check_sequence_lengths(model: OmniModel, records: list[dict], spec: MelSpec, thinker_dir: str) -> None:
+    """UserError naming the manifest line of the first conversation whose sequence would exceed the
+    Thinker's max_seq_len (found at start-up: in training it would stop the run mid-way).
+
+    The length is the one `OmniModel.training_sequence` builds, with the media's positions known
+    before any encoder runs: the image's tokens (with object tokens, the most there can be), the
+    audio's frames from the file's header (when frames reach the Thinker). Stage B's transcript,
+    known only once the audio encoder has run, is not counted. Records that will be bad samples
+    (an unreadable or over-long clip, a malformed conversation) are left to the loader, which
+    skips and counts them."""
+    limit, d = model.thinker.arch.max_seq_len, model.thinker.arch.d_model
+    image_tokens = 1 + MAX_OBJECTS if model.objects else model.vision_encoder.num_tokens
+    encoder = model.audio_encoder.arch
+    for record in records:
+        try:
+            conversation = check_conversation(record["conversation"])
+        except SampleError:
+            continue
+        media, sizes = Media(), {"image": 0, "audio": 0}
+        if "image" in record:
+            sizes["image"] = image_tokens + 2       # with <img> </img>
+            media.image = torch.zeros(image_tokens, d, device=model.device)
+        if "audio" in record:
+            frames = math.ceil(audio_frames(record["audio"], spec) / encoder.downsample)
+            if not 0 < frames <= encoder.max_positions:
+                continue
+            frames = frames if model.audio_frames else 0
+            sizes["audio"] = frames + 2             # with <audio> </audio>
+            media.audio = torch.zeros(frames, d, device=model.device)
+        length = model.training_sequence(conversation, media)[0].shape[0]
+        if length > limit:
+            raise UserError(f"{record['_source']}: a conversation of {length} positions (image {sizes['image']}, "
+                            f"audio {sizes['audio']}, text {length - sizes['image'] - sizes['audio']}) exceeds "
+                            f"the Thinker's max_seq_len {limit} ({thinker_dir}): shorten it or leave it out")
+
+
 class OmniSFTStage(Stage):
     spec = STAGES["E"]       # + the optional keys "audio_enc", "vision" when they are trained
     config_class = OmniSFTConfig
@@ -143,8 +187,11 @@ class OmniSFTStage(Stage):
         thinker.requires_grad_(not cfg.freeze_thinker)
         self.model.proj_a.requires_grad_(cfg.audio_frames)     # without frames it is never used
 
-        kw = {"image_size": cfg.image_size, "spec": MelSpec(n_mels=cfg.n_mels), "resize": cfg.image_resize,
-              "strict": cfg.strict_data, "seed": cfg.seed}
+        # a clip longer than the audio encoder takes is a bad sample, like an unreadable one
+        spec = MelSpec(n_mels=cfg.n_mels)
+        kw = {"image_size": cfg.image_size, "spec": spec, "resize": cfg.image_resize, "strict": cfg.strict_data,
+              "seed": cfg.seed, "max_pixels": cfg.max_image_pixels,
+              "max_audio_seconds": longest_audio(audio_enc.arch, spec)}
         records = []
         if not self.evaluation_only:
             records = read_sft_manifest(cfg.train_manifest)
@@ -157,6 +204,9 @@ class OmniSFTStage(Stage):
         self.smoothing = AnswerSmoothing(records, tokenizer, cfg.answer_smoothing) if cfg.answer_smoothing else None
         self.val_data = SFTDataset(read_sft_manifest(cfg.val_manifest), **kw)
         self.test_data = SFTDataset(read_sft_manifest(cfg.test_manifest), **kw) if cfg.test_manifest else None
+        for data in (self.train_data, self.val_data, self.test_data):
+            if data is not None:
+                check_sequence_lengths(self.model, data.records, spec, cfg.thinker_dir)
         trained = sum(p.numel() for p in self.parameters())
         log(rt, f"omni: {len(records)} training conversations, {len(self.val_data)} validation; "
                 f"{trained:,} trained parameters (trained encoders: {', '.join(self.trained_encoders) or 'none'})")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 
 from omni import checkpoint as ckpt
-from omni.config import TrainConfig, UserError, positive
+from omni.config import TrainConfig, UserError, above, positive
 from omni.data.common import require_files
 from omni.data.shards import TOKENS_DIR, Lines, open_split
 from omni.data.text import TokenWindows, perplexity
@@ -25,8 +25,8 @@ TOKENIZER_FILE = ckpt.TOKENIZER_FILE
 class TextConfig(TrainConfig, ThinkerArch):
     train_files: list[str] = field(default_factory=lambda: ["data/demo/text/train.txt"])
     val_file: str = "data/demo/text/val.txt"   # "" = hold out val_fraction of the training lines
-    val_fraction: float = 0.05
-    seq_len: int = 128                  # training window; at most max_seq_len
+    val_fraction: float = above(0.05)
+    seq_len: int = positive(128)        # training window; at most max_seq_len
     tokenizer_model: str = ""           # an existing SentencePiece model to use instead of training one
     tokenizer_sample_bytes: int = positive(100_000_000)  # a larger corpus trains the tokenizer on a sample
     token_shard_size: int = positive(2**26)   # token ids per file in save_dir/tokens (128 MB as uint16)

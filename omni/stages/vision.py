@@ -7,8 +7,8 @@ import torch
 
 from omni.config import TrainConfig
 from omni.data.common import require_files
-from omni.config import choice, fraction
-from omni.data.image import RESIZE_MODES, ImageCaptionDataset
+from omni.config import choice, fraction, positive
+from omni.data.image import MAX_IMAGE_PIXELS, RESIZE_MODES, ImageCaptionDataset
 from omni.data.manifest import read_manifest
 from omni.metrics import fit_linear_probe, parse_probe_groups, retrieval_hits, single_option, swap_probes
 from omni.logs import log
@@ -27,6 +27,8 @@ class VisionConfig(TrainConfig, VisionArch):
     max_shift: int = 4                 # training shift augmentation in pixels (no flips)
     recolour_share: float = fraction()  # demo world: share of objects repainted off-palette (omni/data/recolour.py)
     image_resize: str = choice(*RESIZE_MODES)   # how any image becomes image_size square (omni/data/image.py)
+    # larger images (width x height, from the header) are bad samples, never decoded (omni/data/image.py)
+    max_image_pixels: int = positive(MAX_IMAGE_PIXELS)
     gallery_size: int = 100            # retrieval among consecutive chunks of this many pairs; 0 = whole split
     caption_weight: float = 1.0        # weight of the caption decoder's loss (when decoder_layers > 0)
     # Attribute probes at each validation: "name=word|word|..." groups of interchangeable words; for
@@ -68,8 +70,8 @@ class VisionStage(Stage):
         cfg = self.cfg
         shift, share = (cfg.max_shift, cfg.recolour_share) if train else (0, 0.0)
         return ImageCaptionDataset(records, image_size=cfg.image_size, max_shift=shift, resize=cfg.image_resize,
-                                   recolour_share=share, seed=cfg.seed, strict=cfg.strict_data,
-                                   augment=shift > 0 or share > 0)
+                                   recolour_share=share, max_pixels=cfg.max_image_pixels, seed=cfg.seed,
+                                   strict=cfg.strict_data, augment=shift > 0 or share > 0)
 
     def collate(self, samples):
         captions = [s["caption"] for s in samples]

@@ -18,9 +18,13 @@ def trainer_main(stage_class, argv=None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable, type-checked)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="start fresh even if save_dir holds checkpoints")
-    parser.add_argument("--resume_step", type=int, help="resume from {prefix}_step_N.pt")
-    parser.add_argument("--init_from", help="load weights only (any format); fresh optimizer at step 0")
+                        help="start a new run at step 0; an earlier run's files in save_dir are moved to "
+                             "save_dir/replaced/<date-time>/ (nothing is deleted)")
+    parser.add_argument("--resume_step", type=int,
+                        help="branch from {prefix}_step_N.pt: the old run's files after step N are moved to "
+                             "save_dir/replaced/<date-time>/")
+    parser.add_argument("--init_from", help="load weights only (any format); fresh optimizer at step 0; a new run, "
+                                            "as with --no-resume")
     args = parser.parse_args(argv)
 
     def main():

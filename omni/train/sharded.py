@@ -8,19 +8,23 @@
 
 The folder is written as `.{name}.tmp` and committed by one rename after `.metadata` and
 trainer.pt are on disk, so a folder under its real name is whole; a temporary one is never read
-(and is deleted at the next start). DCP reshards on load: a run resumes on any number of ranks.
+(and is deleted at the next start). A write that fails on any rank (a full disk) stops every rank
+with one line, the temporary folder removed. DCP reshards on load: a run resumes on any number of ranks.
 
 Only tensors go into the shards, and `.metadata` (a pickle) is read by an unpickler that knows
 DCP's own index classes and nothing else: loading a folder cannot run code.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import warnings
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
@@ -81,27 +85,72 @@ def _tensors(root: torch.nn.Module, optimizer) -> tuple[dict, list]:
 
 
 def save_folder(path: str, root: torch.nn.Module, optimizer, extras: dict, rt: Runtime) -> None:
-    """Write a step folder from every rank (a collective call) and commit it on rank 0."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    """Write a step folder from every rank (a collective call) and commit it on rank 0.
+
+    A write that fails on any rank (a full disk) fails on every rank alike, with the same
+    CheckpointError line as a single file's (`ckpt.write_failure`): the temporary folder is
+    removed and the folders already there are untouched, and no rank is left waiting for another.
+    """
+    tmp = ckpt.hidden_beside(path, ".tmp")
     if rt.is_main and os.path.exists(tmp):
         ckpt.remove(tmp)
     rt.barrier()
     tensors, groups = _tensors(root, optimizer)
-    # rank 0 writes .metadata once every rank's shards are written
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not rt.distributed)
-    if rt.is_main:
-        ckpt.save(os.path.join(tmp, TRAINER_FILE), {**extras, PARAM_GROUPS: groups})
-        if os.path.exists(path):           # the same step saved again by a resumed run
-            ckpt.remove(path)
-        os.replace(tmp, path)
-        ckpt.fsync_folder(os.path.dirname(path))
-    rt.barrier()
+    failure = None
+    try:
+        # rank 0 writes .metadata once every rank's shards are written; a rank's failure is raised
+        # on every rank as a CheckpointException
+        with single_process_quietly():
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not rt.distributed)
+    except CheckpointException as e:
+        failure = _write_failure(e, path)
+    if failure is None and rt.is_main:
+        try:
+            ckpt.save(os.path.join(tmp, TRAINER_FILE), {**extras, PARAM_GROUPS: groups})
+            ckpt.commit(tmp, path)         # over the same step saved before by a resumed run, if any
+        except ckpt.WriteFailed as e:          # named after the step folder, not its temporary trainer.pt
+            failure = str(ckpt.write_failure(e.error, path))
+        except OSError as e:
+            failure = str(ckpt.write_failure(e, path))
+    failure = _first_of_ranks(failure, rt)     # also the barrier after the commit
+    if failure is not None:
+        if rt.is_main and os.path.exists(tmp):
+            ckpt.remove(tmp)
+        raise ckpt.CheckpointError(failure)
+
+
+@contextlib.contextmanager
+def single_process_quietly():
+    """DCP warns at every save and load in one process that it assumes one process: no_dist asks for
+    just that, and the warning would be the only line besides a one-line error."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _write_failure(error: CheckpointException, path: str) -> str:
+    """The one line of a failed DCP save: the first rank's OSError, worded as a file's would be.
+    A failure that is not an OSError is a bug, raised as it came."""
+    for exc, _trace in error.failures.values():
+        if isinstance(exc, OSError):
+            return str(ckpt.write_failure(exc, path))
+    raise error
+
+
+def _first_of_ranks(message: str | None, rt: Runtime) -> str | None:
+    """The message of the lowest rank that has one, on every rank (a collective call)."""
+    if not rt.distributed:
+        return message
+    messages = [None] * rt.world_size
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m is not None), None)
 
 
 def load_folder(folder: str, root: torch.nn.Module, optimizer, extras: dict) -> None:
     """Fill the modules and the optimizer, as they are sharded now, from a step folder."""
     tensors, _ = _tensors(root, optimizer)
-    dcp.load(tensors, storage_reader=SafeReader(folder), no_dist=not dist.is_initialized())
+    with single_process_quietly():
+        dcp.load(tensors, storage_reader=SafeReader(folder), no_dist=not dist.is_initialized())
     set_state_dict(root, optimizer, model_state_dict=tensors["model"],
                    optim_state_dict={"state": tensors["optimizer"], PARAM_GROUPS: extras[PARAM_GROUPS]})
 

@@ -14,7 +14,7 @@ import torch
 
 from omni import checkpoint as ckpt
 from omni import resume_policy
-from omni.config import config_dict
+from omni.config import UserError, config_dict
 from omni.data.sampler import mix_seed
 from omni.logs import log
 from omni.runtime import Runtime
@@ -37,6 +37,7 @@ class Trainer:
     best_step: int = 0                  # the step whose validation gave best_val_loss
     start_batch: int = 0                # global batches taken before this process started (resume)
     batches_taken: int = 0              # batches this rank has drawn since
+    nonfinite_streak: int = 0           # steps skipped in a row for inf/NaN loss or gradients (train_step)
 
     @property
     def cfg(self):
@@ -50,7 +51,7 @@ class Trainer:
         # drew one more, and the stream goes on after the furthest lane: nothing is seen twice.
         taken = self.start_batch + rt.largest(self.batches_taken) * rt.world_size
         out = {ckpt.STEP: self.step, ckpt.BEST_VAL_LOSS: self.best_val_loss, ckpt.BEST_STEP: self.best_step,
-               ckpt.CONFIG: config_dict(self.cfg),
+               ckpt.NONFINITE_STREAK: self.nonfinite_streak, ckpt.CONFIG: config_dict(self.cfg),
                ckpt.VERSION: ckpt.FORMAT_VERSION, ckpt.SCHEDULER: self.scheduler.state_dict(),
                ckpt.RNG: rt.gather_rng(), ckpt.DATA_STATE: {"samples": taken * self.cfg.batch_size,
                                                             "batch_size": self.cfg.batch_size,
@@ -71,7 +72,10 @@ class Trainer:
         return ckpt.slim(out)
 
     def save(self, path: str) -> None:
+        """Write a checkpoint (a collective call). Weights that are not finite are never written: the
+        run stops with one line instead, and the files already there stay the newest."""
         rt = self.stage.rt
+        self.check_finite_weights(path)
         if path.endswith(".dcp"):
             sharded.save_folder(path, self.parallel.root, self.optimizer, self.state(), rt)
         else:
@@ -81,6 +85,27 @@ class Trainer:
         if rt.is_main:
             self.write_state(os.path.basename(path))
         rt.barrier()
+
+    def check_finite_weights(self, path: str) -> None:
+        """UserError naming the step when any weight or buffer of the stage's modules is inf or NaN. One
+        pass over the tensors, at save time only; each rank checks its own shards (FSDP) and the ranks'
+        verdicts are summed, so every rank stops alike."""
+        local = [t.to_local() if hasattr(t, "to_local") else t          # a DTensor: this rank's shard
+                 for m in self.stage.modules.values() for t in [*m.parameters(), *m.buffers()]]
+        flags = [torch.isfinite(t).all() for t in local if t.is_floating_point() and t.numel()]
+        bad = float(not torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else 0.0
+        if self.stage.rt.sum([bad])[0]:
+            raise UserError(f"{self.stage.spec.prefix}: weights not finite at step {self.step}; "
+                            f"{os.path.basename(path)} not written; {self.divergence_advice()}")
+
+    def divergence_advice(self) -> str:
+        """The end of the one-line messages that stop a diverged run: where it can go back to, what to change."""
+        cfg, prefix = self.cfg, self.stage.spec.prefix
+        steps = ckpt.step_files(cfg.save_dir, prefix)
+        best = ckpt.best_path(cfg.save_dir, prefix)
+        last = steps[-1][1] if steps else best if os.path.isfile(best) else None
+        where = f"the last finite checkpoint is {last}" if last else "no checkpoint was written before it"
+        return where + ("; lower lr" if cfg.grad_clip > 0 else "; lower lr or set grad_clip (e.g. 1.0)")
 
     def write_state(self, latest: str) -> None:
         ckpt.write_json(os.path.join(self.cfg.save_dir, ckpt.TRAINING_STATE), {
@@ -120,6 +145,7 @@ class Trainer:
             self.scaler.load_state_dict(obj[ckpt.SCALER])
         self.step, self.best_val_loss = int(obj[ckpt.STEP]), float(obj[ckpt.BEST_VAL_LOSS])
         self.best_step = int(obj.get(ckpt.BEST_STEP, self.step))    # older checkpoints: count from here
+        self.nonfinite_streak = int(obj.get(ckpt.NONFINITE_STREAK, 0))     # older checkpoints: none
         self.rebuild_schedule()
         self.restore_data_position(obj.get(ckpt.DATA_STATE, {}), obj.get(ckpt.RNG, []), changes)
 
@@ -139,13 +165,19 @@ class Trainer:
         rebuild_schedule(self.optimizer, self.scheduler, self.cfg)
 
 
+def check_stage_of(obj, keys: list[str], prefix: str, source: str) -> None:
+    """CheckpointError unless the checkpoint dictionary holds the weight `keys` of stage `prefix` (a
+    bare state_dict is checked when its weights load)."""
+    if ckpt.kind_of(obj, source) != "legacy" and not set(keys) <= set(obj):
+        theirs = sorted(k for k in obj if k not in ckpt.NON_WEIGHT_KEYS)
+        raise ckpt.CheckpointError(f"{source}: not a {prefix} checkpoint: it holds weights "
+                                   f"{theirs}, this stage needs {keys}")
+
+
 def load_weights(stage: Stage, obj, source: str) -> None:
     """The stage's modules from a checkpoint dictionary (full, weights-only or a bare state_dict)."""
     keys = list(stage.modules)
-    if ckpt.kind_of(obj) != "legacy" and not set(keys) <= set(obj):
-        theirs = sorted(k for k in obj if k not in ckpt.NON_WEIGHT_KEYS)
-        raise ckpt.CheckpointError(f"{source}: not a {stage.spec.prefix} checkpoint: it holds weights "
-                                   f"{theirs}, this stage needs {keys}")
+    check_stage_of(obj, keys, stage.spec.prefix, source)
     for key, sd in ckpt.weights_of(obj, keys, source).items():
         try:
             stage.modules[key].load_state_dict(sd)
