@@ -10,65 +10,27 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-import torch
-
+from omni.chat import Chat, add_model_arguments, chat_from_args, read_media
 from omni.cli import run_cli
 from omni.config import UserError
-from omni.data.audio import read_audio
-from omni.data.image import MAX_IMAGE_PIXELS, read_image
-from omni.data.manifest import SampleError
-from omni.data.sft import longest_audio
-from omni.features import LogMel, MelSpec
-from omni.generation import generate_text, stream_text, write_wav
-from omni.loading import load_omni, load_speaker, load_thinker, stage_prefix_in
-from omni.registry import STAGES
+from omni.generation import WavWriter
+from omni.loading import load_speaker
 from omni.runtime import resolve_device
 
-OMNI_DIR, THINKER_DIR, TALKER_DIR = "checkpoints/omni_sft_tiny", "checkpoints/thinker_tiny", "checkpoints/talker_tiny"
 CHAT_HELP = ("type a question; '/image PATH question' or '/audio PATH' attach a picture or a spoken "
              "question; '/quit' ends")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with the omni model, ask about images and speech, hear answers.")
-    p.add_argument("--ckpt_dir", default=None,
-                   help=f"model folder: Stage E ({OMNI_DIR}) or a Thinker ({THINKER_DIR}), checkpoints or "
-                        "an export; default: the first of these two that holds a model")
+    add_model_arguments(p)
     p.add_argument("--text", help="the question (or, for a Stage A Thinker, the text to continue)")
     p.add_argument("--image", metavar="PATH", help="a picture to ask about")
     p.add_argument("--audio", metavar="PATH", help="a spoken question (any format soundfile reads)")
     p.add_argument("--audio_out", metavar="PATH", help="also speak the answer into this 16 kHz WAV")
     p.add_argument("--say", metavar="TEXT", help="speak this text with the Talker (no Thinker); needs --audio_out")
-    p.add_argument("--talker_dir", default=TALKER_DIR, help="folder of the Stage D Talker")
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens (0 = all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p.parse_args(argv)
-
-
-def default_model_dir() -> str:
-    for folder in (OMNI_DIR, THINKER_DIR):
-        if os.path.isdir(folder) and stage_prefix_in(folder):
-            return folder
-    raise UserError(f"no trained model in {OMNI_DIR} or {THINKER_DIR}: run the pipeline with "
-                    "`python -m omni.pipeline` (or train the Thinker: `python train_text.py --config "
-                    "configs/thinker_tiny.json`)")
-
-
-def read_media(image_path: str | None, audio_path: str | None, image_size: int = 64, resize: str = "squash",
-               max_pixels: int = MAX_IMAGE_PIXELS, max_seconds: float = 0.0):
-    """(image [3,S,S], 16 kHz waveform) of the given files, None where not given; UserError naming
-    the file and what is wrong with it (missing, empty, not an image or audio, damaged, silent, an
-    image over max_pixels or a clip over max_seconds when > 0: both known from the header)."""
-    try:
-        return (read_image(image_path, image_size, resize, max_pixels) if image_path else None,
-                read_audio(audio_path, MelSpec.sample_rate, max_seconds) if audio_path else None)
-    except SampleError as e:
-        raise UserError(str(e)) from None
 
 
 def check_inputs(args) -> None:
@@ -79,80 +41,37 @@ def check_inputs(args) -> None:
     read_media(args.image, args.audio)
 
 
-class Chat:
-    """One loaded model answering questions: the Stage E omni model (text, image, speech) or a
-    Stage A Thinker (text continuation only)."""
-
-    def __init__(self, ckpt_dir: str, args, device):
-        self.args, self.device = args, device
-        prefix = stage_prefix_in(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-        self.is_omni = prefix == STAGES["E"].prefix
-        self.max_pixels, self.max_seconds = MAX_IMAGE_PIXELS, 0.0
-        if self.is_omni:
-            self.model, config = load_omni(ckpt_dir, device)
-            self.tokenizer, self.image_size = self.model.tok, config.get("image_size", 64)
-            self.image_resize = config.get("image_resize", "squash")     # as Stage E read its images
-            self.max_pixels = config.get("max_image_pixels", MAX_IMAGE_PIXELS)
-            self.max_seconds = longest_audio(self.model.audio_encoder.arch, MelSpec())   # what its encoder takes
-        else:       # load_thinker names the folder and the command when nothing is there
-            self.model, self.tokenizer = load_thinker(ckpt_dir, device)
-            self.image_size, self.image_resize = None, "squash"
-
-    def media(self, image_path: str | None, audio_path: str | None):
-        """(image [3,S,S], log-mel [T, n_mels]) of the given files, None where not given."""
-        if not (image_path or audio_path):
-            return None, None
-        image, wave = read_media(image_path, audio_path, self.image_size or 64, self.image_resize,
-                                 self.max_pixels, self.max_seconds)
-        if not self.is_omni:
-            raise UserError("--image and --audio need the Stage E model: train it with `python -m omni.pipeline` "
-                            "(or `python sft_omni.py --config configs/omni_sft_tiny.json`)")
-        mel = None if wave is None else LogMel(MelSpec(n_mels=self.model.audio_encoder.arch.n_mels))(wave)
-        return image, mel
-
-    def answer(self, text: str, image_path: str | None = None, audio_path: str | None = None):
-        """Yield the answer piece by piece as it is generated."""
-        a = self.args
-        image, mel = self.media(image_path, audio_path)
-        self.check_room(text, image, mel, ", ".join(p for p in (image_path, audio_path) if p))
-        if not self.is_omni:
-            return generate_text(self.model, self.tokenizer, text, a.max_new_tokens, a.temperature, a.top_k,
-                                 a.seed, self.device)
-        generator = torch.Generator(device=self.device).manual_seed(a.seed)
-        return stream_text(self.model.answer(text, image, mel, a.max_new_tokens, a.temperature, a.top_k,
-                                             generator), self.tokenizer)
-
-    @torch.no_grad()
-    def check_room(self, text: str, image, mel, files: str) -> None:
-        """UserError when the prompt (media included) leaves the Thinker no position for an answer:
-        it would answer nothing. The omni model's media are encoded for this once more (the encoders
-        cost little beside generation), so the length is exactly the one `answer` builds."""
-        if self.is_omni:
-            media = self.model.encode_media([image], [mel])[0]
-            length, limit = self.model.prompt_embeddings(text, media).shape[1], self.model.thinker.arch.max_seq_len
-        else:
-            length, limit = len(self.tokenizer.encode(text, bos=True)), self.model.arch.max_seq_len
-        if length >= limit:
-            raise UserError(f"{files or '--text'}: the prompt takes {length} positions, and the Thinker's "
-                            f"max_seq_len is {limit}: no room for an answer (ask something shorter)")
+def write_speech(args, chunks, sample_rate: int, wav: WavWriter | None = None) -> WavWriter | None:
+    """Append waveform chunks to the --audio_out file as they come (opened at the first chunk)."""
+    for chunk in chunks:
+        wav = wav or WavWriter(args.audio_out, sample_rate)
+        wav.write(chunk)
+    return wav
 
 
-def print_stream(pieces) -> str:
-    text = ""
-    for piece in pieces:
-        print(piece, end="", flush=True)
-        text += piece
-    print()
-    return text
+def close_speech(args, wav: WavWriter) -> None:
+    wav.close()
+    print(f"[spoken into {args.audio_out}: {wav.seconds:.2f} s at {wav.sample_rate} Hz]")
 
 
-def speak(args, text: str, device, speaker=None):
-    """Speak text into args.audio_out with the Talker; returns the Speaker for reuse."""
-    speaker = speaker or load_speaker(args.talker_dir, device)
-    wave = speaker.speak(text, temperature=0.0, seed=args.seed)
-    write_wav(args.audio_out, wave, speaker.sample_rate)
-    print(f"[spoken into {args.audio_out}: {len(wave) / speaker.sample_rate:.2f} s at {speaker.sample_rate} Hz]")
-    return speaker
+def answer_aloud(chat: Chat, args, question: str, image: str | None = None, audio: str | None = None,
+                 fallback: str | None = None) -> None:
+    """Print the answer as the Thinker writes it; with --audio_out, speak it into that file while
+    the Thinker goes on (`fallback` when the answer has nothing to say)."""
+    events = chat.talk(question, image, audio, speak=bool(args.audio_out))
+    wav = None
+    try:
+        for event in events:
+            if event["type"] == "text":
+                print(event["text"], end="", flush=True)
+            elif event["type"] == "audio":
+                wav = write_speech(args, [event["samples"]], chat.sample_rate, wav)
+        print()
+        if args.audio_out and wav is None and fallback:
+            wav = write_speech(args, chat.speaker.stream([fallback], seed=args.seed), chat.sample_rate)
+    finally:
+        if wav is not None:
+            close_speech(args, wav)
 
 
 def parse_chat_line(line: str) -> tuple[str, str | None, str | None]:
@@ -166,10 +85,9 @@ def parse_chat_line(line: str) -> tuple[str, str | None, str | None]:
     return line, None, None
 
 
-def interactive(chat: Chat, args, device) -> None:
+def interactive(chat: Chat, args) -> None:
     kind = "omni model" if chat.is_omni else "Stage A Thinker (text continuation only)"
     print(f"μOmni chat with the {kind}; {CHAT_HELP}")
-    speaker = None
     while True:
         try:
             line = input("you> ").strip()
@@ -182,9 +100,7 @@ def interactive(chat: Chat, args, device) -> None:
             continue
         try:
             print("omni> ", end="", flush=True)
-            answer = print_stream(chat.answer(*parse_chat_line(line)))
-            if args.audio_out and answer.strip():
-                speaker = speak(args, answer, device, speaker)
+            answer_aloud(chat, args, *parse_chat_line(line))
         except UserError as e:       # a bad path should not end the conversation
             print(f"\nerror: {e}")
 
@@ -196,15 +112,15 @@ def main(argv=None):
     if args.say is not None:
         if not args.audio_out:
             raise UserError("--say needs --audio_out PATH (where to write the speech)")
-        speak(args, args.say, device)
+        speaker = load_speaker(args.talker_dir, device, vocoder_dir=args.vocoder_dir)
+        wav = write_speech(args, speaker.stream([args.say], seed=args.seed), speaker.sample_rate)
+        close_speech(args, wav or WavWriter(args.audio_out, speaker.sample_rate))
         return 0
-    chat = Chat(args.ckpt_dir or default_model_dir(), args, device)
+    chat = chat_from_args(args, device)
     if args.text is None and args.image is None and args.audio is None:
-        interactive(chat, args, device)
+        interactive(chat, args)
         return 0
-    answer = print_stream(chat.answer(args.text or "", args.image, args.audio))
-    if args.audio_out:
-        speak(args, answer if answer.strip() else "sorry", device)
+    answer_aloud(chat, args, args.text or "", args.image, args.audio, fallback="sorry")
     return 0
 
 

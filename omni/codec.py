@@ -1,16 +1,13 @@
-"""Stage D speech codec and vocoders.
+"""Stage D speech codec.
 
 SpeechCodec: log-mel frames (100/s) -> conv encoder with frame stacking (`downsample` mel frames per
 code frame) -> residual vector quantizer (`n_codebooks` x `codebook_size`, EMA codebooks, dead-code
 restarts, commitment loss) -> conv decoder back to log-mel. The Talker predicts its codes.
 
-Vocoder: mel [T, n_mels] -> waveform. GriffinLimVocoder inverts the very filterbank of
-`omni.data.audio.LogMel` (pseudo-inverse) and recovers phase with Griffin-Lim from a fixed initial
-phase, so the same mel always gives the same samples. A neural vocoder would subclass `Vocoder`.
+The vocoders that turn its log-mel into a waveform are in omni/vocoder.py.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -18,10 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchaudio
 
 from omni.config import Arch, above, non_negative, positive, probability
-from omni.features import LogMel, MelSpec
 
 LOG_FLOOR = math.log(1e-5)      # LogMel's value for silence: padding uses it
 
@@ -246,51 +241,19 @@ class SpeechCodec(nn.Module):
         """codes [B, T', n_q] -> log-mel [B, T' * f, n_mels]."""
         return self.decode_latent(self.rvq.lookup(codes))
 
+    @property
+    def decode_context(self) -> int:
+        """Code frames on each side that a decoded mel frame depends on (the decoder's receptive
+        field), so codes can be decoded in chunks: decode codes[a:b] and keep the mel frames of codes
+        [a + decode_context, b - decode_context) (or up to an end of the whole sequence): the same as
+        decoding all codes at once. Only the convolutions reach across frames."""
+        def reach(convs):
+            return sum(c.dilation[0] * (c.kernel_size[0] // 2) for c in convs)
+        code_rate = reach([self.dec_in] + [block.conv for block in self.dec_body])
+        mel_rate = reach([self.dec_smooth.conv, self.dec_out])      # after unstacking: f mel frames a code
+        return code_rate + -(-mel_rate // self.arch.downsample)
+
     def mel_error(self, recon: torch.Tensor, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean absolute error over real frames, in normalised units (the reconstruction loss)."""
         diff = (recon.float() - mel.float()).abs().mean(-1) / self.arch.mel_std
         return (diff * mask).sum() / mask.sum().clamp(min=1)
-
-
-# ----------------------------------------------------------------------------- vocoders
-class Vocoder:
-    """Turns log-mel frames (as `omni.data.audio.LogMel` makes them) back into a waveform."""
-    sample_rate: int = 16000
-
-    def mel_to_wave(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel [T, n_mels] -> waveform [N] at self.sample_rate."""
-        raise NotImplementedError
-
-
-class GriffinLimVocoder(Vocoder):
-    """Pseudo-inverse of LogMel's own mel filterbank, then Griffin-Lim from a fixed initial phase
-    (rand_init=False): deterministic, no weights, intelligible but buzzy."""
-
-    def __init__(self, spec: MelSpec = MelSpec(), n_iter: int = 32, momentum: float = 0.99):
-        self.spec, self.sample_rate = spec, spec.sample_rate
-        fb = LogMel(spec).mel.mel_scale.fb                # [n_freq, n_mels]: the features' filterbank
-        self.inverse = torch.linalg.pinv(fb.T)            # [n_freq, n_mels]
-        self.griffin_lim = torchaudio.transforms.GriffinLim(
-            n_fft=spec.n_fft, hop_length=spec.hop, win_length=spec.n_fft, power=2.0, n_iter=n_iter,
-            momentum=momentum, rand_init=False)
-
-    def mel_to_wave(self, mel: torch.Tensor) -> torch.Tensor:
-        power_mel = (mel.detach().float().cpu().exp() - 1e-5).clamp(min=0)     # undo LogMel's log
-        power = (power_mel @ self.inverse.T).clamp(min=0).T                       # [n_freq, T]
-        length = (mel.shape[0] - 1) * self.spec.hop                                # LogMel: N // hop + 1 frames
-        if length <= 0:
-            return torch.zeros(0)
-        with one_thread():
-            return self.griffin_lim.forward(power)[:length]
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run small tensor ops on one thread: Griffin-Lim's FFTs are tiny, and on a machine whose cores
-    are busy with other work, two threads waiting on each other made it 100x slower (5 s vs 0.04 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

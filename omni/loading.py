@@ -8,7 +8,8 @@ load nothing themselves.
   load_thinker(dir, device) -> (Thinker, Tokenizer)               Stage A
   load_asr(dir, device) -> ASR;  load_audio_encoder(dir, device)   Stage B
   load_clip(dir, device) -> CLIP;  load_vision_encoder(dir, device) Stage C
-  load_speaker(dir, device) -> Speaker;  speak_to_file(...)         Stage D
+  load_speaker(dir, device, vocoder_dir) -> Speaker;  speak_to_file(...)   Stage D (+ F)
+  load_vocoder(dir, device) -> NeuralVocoder                         Stage F
   load_omni(dir, device) -> (OmniModel, config);  load_omni_parts   Stage E and what it builds on
   load_component(dir, spec) -> (weights by key, config, path)       any stage
   checkpoint_in / read_checkpoint / stage_prefix_in / read_export / resolve_dir: finding and reading files
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from omni import checkpoint as ckpt
 from omni.audio_enc import ASR, AudioEncArch, AudioEncoder
-from omni.codec import CodecArch, GriffinLimVocoder, SpeechCodec
+from omni.codec import CodecArch, SpeechCodec
 from omni.config import UserError, check_type, read_json
 from omni.features import MelSpec
 from omni.generation import Speaker, write_wav
@@ -35,13 +37,14 @@ from omni.talker import Talker, TalkerArch
 from omni.thinker import Thinker, ThinkerArch
 from omni.tokenizer import Tokenizer
 from omni.vision import CLIP, ViT, VisionArch
+from omni.vocoder import REFINE_ITERS, GriffinLimVocoder, NeuralVocoder, Vocoder, VocoderArch
 
 
 # The architectures of each stage's model (by checkpoint prefix); Stage E builds on the others'.
 ARCHS = {STAGES["A"].prefix: (ThinkerArch,), STAGES["B"].prefix: (AudioEncArch,), STAGES["C"].prefix: (VisionArch,),
-         STAGES["D"].prefix: (CodecArch, TalkerArch), STAGES["E"].prefix: ()}
+         STAGES["D"].prefix: (CodecArch, TalkerArch), STAGES["E"].prefix: (), STAGES["F"].prefix: (VocoderArch,)}
 # The other config keys the loaders (and infer.py) read, and their types.
-SETTINGS = {STAGES["D"].prefix: {"griffin_lim_iters": int},
+SETTINGS = {STAGES["D"].prefix: {"griffin_lim_iters": int}, STAGES["F"].prefix: {"refine_iters": int},
             STAGES["E"].prefix: {"image_size": int, "image_resize": str, "colour_apart": bool, "object_tokens": bool,
                                  "audio_transcript": bool, "audio_frames": bool}}
 
@@ -209,15 +212,42 @@ def load_audio_encoder(ckpt_dir: str, device="cpu") -> AudioEncoder:
     return load_asr(ckpt_dir, device).enc
 
 
-def load_speaker(ckpt_dir: str, device="cpu") -> Speaker:
-    """A Speaker from a Stage D checkpoint folder (best, else final, else newest step file)."""
+def load_vocoder(ckpt_dir: str, device="cpu") -> NeuralVocoder:
+    """The trained Stage F vocoder in eval mode (any checkpoint format), a `Vocoder`."""
+    weights, config, path = load_component(ckpt_dir, STAGES["F"])
+    iters = config.get("refine_iters", REFINE_ITERS)
+    if iters < 0:
+        raise UserError(f"{path}: config key 'refine_iters': must be at least 0, got {iters}")
+    model = NeuralVocoder(VocoderArch.from_config(config), refine_iters=iters)
+    model.load_state_dict(weights["vocoder"])
+    return model.to(device).eval()
+
+
+def load_speaker(ckpt_dir: str, device="cpu", vocoder_dir: str | None = None) -> Speaker:
+    """A Speaker from a Stage D checkpoint folder (best, else final, else newest step file). It speaks
+    through the Stage F vocoder in vocoder_dir when that folder holds one, else through Griffin-Lim."""
     weights, config, _ = load_component(ckpt_dir, STAGES["D"])
     codec = SpeechCodec(CodecArch.from_config(config))
     codec.load_state_dict(weights["rvq"])
     talker = Talker(TalkerArch.from_config(config), codec.arch.n_codebooks, codec.arch.codebook_size)
     talker.load_state_dict(weights["talker"])
-    vocoder = GriffinLimVocoder(MelSpec(n_mels=codec.arch.n_mels), n_iter=config.get("griffin_lim_iters", 32))
+    vocoder: Vocoder | None = None
+    if vocoder_dir and holds_model(vocoder_dir, STAGES["F"]):
+        vocoder = load_vocoder(vocoder_dir, device)
+    elif vocoder_dir:
+        print(f"note: no {STAGES['F'].prefix} model (stage F) in {vocoder_dir}: speaking through Griffin-Lim",
+              file=sys.stderr, flush=True)
+    if vocoder is None:
+        vocoder = GriffinLimVocoder(MelSpec(n_mels=codec.arch.n_mels), n_iter=config.get("griffin_lim_iters", 32))
+    elif vocoder.arch.n_mels != codec.arch.n_mels:
+        raise UserError(f"{vocoder_dir}: the vocoder reads {vocoder.arch.n_mels} mel bands, the codec in {ckpt_dir} "
+                        f"writes {codec.arch.n_mels}")
     return Speaker(talker.to(device).eval(), codec.to(device).eval(), vocoder)
+
+
+def holds_model(folder: str, spec: StageSpec) -> bool:
+    """Whether folder holds an export or an inference checkpoint of the stage."""
+    return os.path.isfile(os.path.join(folder, ckpt.EXPORT_FILE)) or ckpt.for_inference(folder, spec.prefix) is not None
 
 
 def speak_to_file(text: str, path: str, talker_dir: str, device="cpu", temperature: float = 0.0,

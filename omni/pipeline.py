@@ -1,11 +1,12 @@
-"""Run the stages A -> E in order: `python -m omni.pipeline [configs/pipeline_demo.json]`.
+"""Run the training stages in order (A -> F): `python -m omni.pipeline [configs/pipeline_demo.json]`.
 
 Builds the demo world when the config names one, then runs each stage's trainer as a subprocess
 with the same command line a user would type, so every stage resumes on its own. A stage whose
-final checkpoint exists with the same resolved config is skipped. A stage marked "background"
-runs beside the stages after it (its output in its save_dir/pipeline.log); the pipeline waits for
-it before the table. A failing stage stops the run with its error (a background stage already
-started runs to its end); the other stages' outputs stay as they are. At the end: a table per
+final checkpoint exists with the same resolved config is skipped. The stages marked "background"
+run one after another in a second lane beside the others (`BackgroundLane`; output in each one's
+save_dir/pipeline.log); the pipeline waits for them before the table. A failing stage stops its
+lane with its error (a background stage already started runs to its end); the other stages'
+outputs stay as they are. At the end: a table per
 stage (steps, wall time, final validation metrics, folder) and loss/metric curves as PNG.
 SIGTERM or Ctrl-C stops the running trainers (each saves its step) and then the pipeline, with
 status 128 + signal (`Children`).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -177,6 +179,45 @@ class Children:
         proc.send_signal(self.SIGNALS[signum])      # nothing when it has already been waited for
 
 
+class BackgroundLane:
+    """The background stages, run in a thread one after another, beside the foreground stages: on
+    two cores one lane in front and one behind keeps both busy, and a second background stage (the
+    vocoder after the Talker) does not take the foreground's core. A stage starts once the main loop
+    has reached it and the one before it in the lane has ended well; after a failure the rest of
+    the lane stays pending. `close` says no more stages come, waits, and raises what the thread raised."""
+
+    def __init__(self, extra: list[str], children: Children):
+        self.extra, self.children = extra, children
+        self.reached: queue.Queue = queue.Queue()
+        self.started: list[StageRun] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def reach(self, run: StageRun) -> None:
+        self.reached.put(run)
+
+    def close(self) -> None:
+        self.reached.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        try:
+            while (run := self.reached.get()) is not None:
+                if self.children.signum:
+                    continue
+                start_stage(run, self.extra, self.children)
+                self.started.append(run)
+                if run.waiter is not None:
+                    run.waiter.join()
+                    if run.exit_code != 0:
+                        break
+        except BaseException as e:      # a config error: raised again in the main thread by close()
+            self.error = e
+
+
 def finish_stage(run: StageRun) -> int:
     """Wait for the stage's trainer (if one was started); then read its steps and figures."""
     if run.waiter is not None:
@@ -238,7 +279,7 @@ def wrap(head: str, cells: list[str], width: int = 110) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Run the training stages A-E in order.")
+    p = argparse.ArgumentParser(description="Run the training stages (A-F) in order.")
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="pipeline JSON")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in every stage")
@@ -249,16 +290,21 @@ def main(argv=None) -> int:
         ensure_demo_world(spec["demo_dir"], spec.get("demo_size", "small"))
     failed = []
     with Children() as children:
-        for run in runs:
-            if children.signum:
-                break
-            start_stage(run, args.set, children)
-            if not run.background and finish_stage(run):
-                failed.append(run)
-                break
-        for run in runs:     # the background stages still running (a failed stage stops none of them)
-            if run.background and (run.waiter or run.status != "pending") and finish_stage(run):
-                failed.append(run)
+        lane = BackgroundLane(args.set, children)
+        try:
+            for run in runs:
+                if children.signum:
+                    break
+                if run.background:
+                    lane.reach(run)
+                    continue
+                start_stage(run, args.set, children)
+                if finish_stage(run):
+                    failed.append(run)
+                    break
+        finally:
+            lane.close()     # waits for the background stages (a failed foreground stage stops none)
+        failed += [run for run in lane.started if finish_stage(run)]
     if children.signum:
         print(f"\npipeline stopped by {signal.Signals(children.signum).name}: its running stages saved their "
               "checkpoints and stopped; run the pipeline again to resume.", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The five stages as data: who each one is, written once (no torch, no stage imports).
+"""The six stages as data: who each one is, written once (no torch, no stage imports).
 
 A `StageSpec` holds a stage's identity: its letter, the script that trains it, the module and class
 that implement it, its checkpoint prefix, the weight keys its checkpoints hold, and its default
@@ -48,11 +48,13 @@ STAGES: dict[str, StageSpec] = {s.letter: s for s in (
     StageSpec("E", "omni", "sft_omni.py", "omni.stages.omni_sft", "OmniSFTStage", "configs/omni_sft_tiny.json",
               ("thinker", "proj_a", "proj_v"), optional_keys=("audio_enc", "vision"),
               components=(("thinker_dir", "A"), ("audio_enc_dir", "B"), ("vision_dir", "C"))),
+    StageSpec("F", "vocoder", "train_vocoder.py", "omni.stages.vocoder", "VocoderStage", "configs/vocoder_tiny.json",
+              ("vocoder",)),
 )}
 
 
 def prefixes() -> list[str]:
-    """Checkpoint prefixes of the stages, A to E."""
+    """Checkpoint prefixes of the stages, A to F."""
     return [s.prefix for s in STAGES.values()]
 
 

@@ -19,7 +19,8 @@ read too slowly on 800 clips (the Talker said fluent but wrong words), so each s
 handed the encoded characters around character floor(t/T * n) (`text_window`). Each utterance also
 carries a *source* embedding: 0 is the voice the Talker speaks with, others mark extra training
 speech (other voices). Generation uses the KV cache and always stops: at EOS or at a frame limit
-from the text length.
+from the text length; `stream` yields the frames as they come (speech can be played before the
+utterance ends), `generate` collects them.
 """
 from __future__ import annotations
 
@@ -229,10 +230,11 @@ class Talker(nn.Module):
         return max(1, min(limit, self.arch.max_seq_len - n_text - 1))
 
     @torch.no_grad()
-    def generate(self, text, temperature: float = 0.0, top_k: int = 0, generator=None,
-                 max_frames: int | None = None, source: int = 0) -> torch.Tensor:
-        """Codes [T, n_q] for one utterance: ids [n] or hidden states [n, cond_dim]. Greedy when
-        temperature <= 0. Stops at end-of-speech or after max_frames (default: from the text length)."""
+    def stream(self, text, temperature: float = 0.0, top_k: int = 0, generator=None,
+               max_frames: int | None = None, source: int = 0):
+        """Yield the code frames [n_q] of one utterance as they are generated: ids [n] or hidden
+        states [n, cond_dim]. Greedy when temperature <= 0. Stops at end-of-speech or after
+        max_frames (default: from the text length)."""
         n = len(text)
         limit = min(max_frames or self.max_frames(n), self.arch.max_seq_len - n - 1)
         device = self.speech_start.device
@@ -241,14 +243,20 @@ class Talker(nn.Module):
         total = self.predicted_frames(prefix, source)
         start = self.speech(self.speech_start[None], torch.zeros(1, device=device), total, source, prefix)
         x = torch.cat([prefix, start])[None]
-        frames = []
         for t in range(1, limit + 1):
             h = self.body(x, cache=cache)[:, -1]
             first = sample_next(self.heads[0](h), temperature, top_k, generator)
             if first.item() == self.eos:
-                break
+                return
             row = torch.stack([first] + [sample_next(head(h), temperature, top_k, generator)
                                          for head in self.heads[1:]], dim=-1)       # [1, n_q]
-            frames.append(row[0])
+            yield row[0]
             x = self.speech(self.frame_embed(row), torch.full((1,), t, device=device), total, source, prefix)[None]
-        return torch.stack(frames) if frames else torch.zeros(0, self.n_codebooks, dtype=torch.long, device=device)
+
+    def generate(self, text, temperature: float = 0.0, top_k: int = 0, generator=None,
+                 max_frames: int | None = None, source: int = 0) -> torch.Tensor:
+        """Codes [T, n_q] of one utterance: `stream`'s frames, all at once."""
+        frames = list(self.stream(text, temperature, top_k, generator, max_frames, source))
+        if not frames:
+            return torch.zeros(0, self.n_codebooks, dtype=torch.long, device=self.speech_start.device)
+        return torch.stack(frames)

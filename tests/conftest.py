@@ -119,10 +119,11 @@ def demo_tiny(tmp_path_factory):
 
 
 def tiny_stage_configs(demo: str, root) -> dict:
-    """Tiny configs of the five stages (letter -> config dict) on the tiny world, writing under root."""
+    """Tiny configs of the six stages (letter -> config dict) on the tiny world, writing under root."""
     from test_audio_enc import audio_enc_config       # the test modules import this one
     from test_talker import tiny_stage_config as talker_config
     from test_vision import vision_config
+    from test_vocoder import vocoder_config
     text = (f"{demo}/text/train.txt", f"{demo}/text/val.txt")
     return {"A": thinker_config(text, root / "thinker", vocab_size=160, max_seq_len=256, max_steps=9),
             "B": audio_enc_config(demo, root / "audio_enc", max_steps=9),
@@ -135,7 +136,8 @@ def tiny_stage_configs(demo: str, root) -> dict:
                   "asr_manifest": f"{demo}/asr_train.jsonl", "batch_size": 4, "lr": 2e-3, "warmup_steps": 2,
                   "max_steps": 8, "eval_interval": 4, "checkpoint_freq": 4, "log_interval": 1,
                   "eval_batches": 2, "qa_eval_limit": 12, "max_answer_tokens": 4, "audio_transcript": True,
-                  "colour_apart": True, "answer_smoothing": 0.2, "vision_cache": True, "progress": False}}
+                  "colour_apart": True, "answer_smoothing": 0.2, "vision_cache": True, "progress": False},
+            "F": vocoder_config(demo, root / "vocoder")}
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ import os
 
 import torch
 
-from omni.codec import CodecArch, GriffinLimVocoder, SpeechCodec, VectorQuantizer, usage_perplexity
+from omni.codec import CodecArch, SpeechCodec, VectorQuantizer, usage_perplexity
+from omni.vocoder import GriffinLimVocoder
 from omni.data.audio import read_audio
 from omni.features import LogMel
 from omni.layers import pad_stack

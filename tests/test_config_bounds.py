@@ -58,14 +58,14 @@ def test_out_of_range_values_name_the_key(override, message):
 def test_kv_heads_must_divide_the_heads_and_the_shipped_configs_pass():
     with pytest.raises(ArchError, match=r"config key 'n_kv_heads': must divide n_heads \(2\), got 3"):
         load_config(TextConfig, None, [*TINY, "n_kv_heads=3"])
-    stages = {"thinker": "A", "audio_enc": "B", "vision": "C", "talker": "D", "omni_sft": "E"}
+    stages = {"thinker": "A", "audio_enc": "B", "vision": "C", "talker": "D", "omni_sft": "E", "vocoder": "F"}
     checked = 0
     for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))):
         name = os.path.basename(path).rsplit("_", 1)[0]
         if name in stages:
             load_config(stage_class(stages[name]).config_class, path)
             checked += 1
-    assert checked == 10
+    assert checked == 11
 
 
 def test_nan_in_a_config_file_is_refused_with_the_key(tmp_path):

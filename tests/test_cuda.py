@@ -12,7 +12,7 @@ import torch
 from conftest import assert_same_state, load_pt
 from omni.registry import STAGES
 from test_resume import (audio_stage_config, omni_stage_config, run_stage, stage_case,  # noqa: F401 (fixtures)
-                         talker_stage_config, text_stage_config, vision_stage_config)
+                         talker_stage_config, text_stage_config, vision_stage_config, vocoder_stage_config)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -136,11 +136,10 @@ def test_longest_audio_is_what_the_encoder_takes(omni):
 
 @pytest.fixture
 def chat(omni, monkeypatch, tmp_path):
-    import infer
-    monkeypatch.setattr(infer, "stage_prefix_in", lambda folder: STAGES["E"].prefix)
-    monkeypatch.setattr(infer, "load_omni", lambda folder, device: (omni, {"image_size": 16}))
-    args = infer.parse_args(["--max_new_tokens", "3"])
-    return infer.Chat(str(tmp_path), args, torch.device("cpu"))
+    from omni import chat
+    monkeypatch.setattr(chat, "stage_prefix_in", lambda folder: STAGES["E"].prefix)
+    monkeypatch.setattr(chat, "load_omni", lambda folder, device: (omni, {"image_size": 16}))
+    return chat.Chat(str(tmp_path), torch.device("cpu"), max_new_tokens=3)
 
 
 def test_infer_refuses_audio_longer_than_the_encoder_takes_from_its_header(chat, tmp_path):
@@ -165,7 +164,7 @@ def test_the_chat_reports_too_long_audio_and_prompts_and_goes_on(chat, tmp_path,
     long, clip = tone(tmp_path / "long.wav", 20.0), tone(tmp_path / "clip.wav", 0.5)
     lines = iter([f"/audio {long}", f"/audio {clip} what did you hear in this recording of a tone?", "hi", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
-    infer.interactive(chat, chat.args, torch.device("cpu"))
+    infer.interactive(chat, infer.parse_args([]))
     out = capsys.readouterr().out
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert errors[0] == f"error: {long}: 20.0 s is longer than max_seconds 0.63"

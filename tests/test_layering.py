@@ -19,16 +19,19 @@ FLOORS = [
     ["omni.config", "omni.registry", "omni.cli", "omni.resume_policy", "omni.transcripts"],   # plain Python
     ["omni.checkpoint", "omni.runtime", "omni.tokenizer", "omni.logs", "omni.metrics"],     # files, devices, logs
     ["omni.layers", "omni.features", "omni.colours"],                                       # building blocks
-    ["omni.thinker", "omni.vision", "omni.audio_enc", "omni.codec", "omni.talker", "omni.omni_model",  # models
+    ["omni.thinker", "omni.vision", "omni.audio_enc", "omni.codec", "omni.vocoder", "omni.talker",     # models
+     "omni.omni_model",
      "omni.data.*"],                                                                        # | data
-    ["omni.generation"],                                                                    # using models
-    ["omni.loading"],                                                                       # files -> models
+    ["omni.generation", "omni.speech_stream"],                                              # using models
+    ["omni.loading", "omni.chat"],                                                          # files -> models
     ["omni.train.*"],                                                                       # the training core
-    ["omni.stages.*"],                                                                      # the five stages
+    ["omni.stages.*"],                                                                      # the six stages
     ["omni.pipeline", "omni.export", "omni.export_llama", "omni.inspect", "omni.evaluate", "omni.plot",
-     "train_text", "train_audio_enc", "train_vision", "train_talker", "sft_omni", "infer"],  # tools, entry points
+     "omni.serve", "train_text", "train_audio_enc", "train_vision", "train_talker", "train_vocoder", "sft_omni",
+     "infer"],                                                                              # tools, entry points
 ]
-MODELS = {"omni.thinker", "omni.vision", "omni.audio_enc", "omni.codec", "omni.talker", "omni.omni_model"}
+MODELS = {"omni.thinker", "omni.vision", "omni.audio_enc", "omni.codec", "omni.vocoder", "omni.talker",
+          "omni.omni_model"}
 
 # (importer, imported) pairs allowed inside a function: heavy or rarely needed imports
 OPTIONAL = {

@@ -45,12 +45,12 @@ def table_rows(stdout: str) -> dict:
     rows = {}
     for line in lines:
         head = line.split(":")[0] if line[1:2] == " " and ":" in line.split()[1] else line[:1]
-        if head[:1] in LETTERS:
+        if head[:1] in "ABCDEF":
             rows[head] = line
     return rows
 
 
-@pytest.mark.parametrize("entry, named", [({"stage": "F"}, "stages[0].stage"),
+@pytest.mark.parametrize("entry, named", [({"stage": "Z"}, "stages[0].stage"),
                                           ({"set": "max_steps=2"}, "stages[0].set"),
                                           ({"background": "yes"}, "stages[0].background")])
 def test_a_malformed_pipeline_entry_is_a_one_line_error_naming_it(entry, named, tmp_path):
@@ -159,6 +159,27 @@ def test_a_failed_background_stage_lets_the_others_finish_then_fails_the_run(dem
     assert "failed (exit 2)" in rows["D"] and "trained" in rows["A"]
     with open(os.path.join(configs["D"]["save_dir"], "pipeline.log")) as f:
         assert "missing.jsonl" in f.read()
+
+
+def test_background_stages_run_one_after_another_and_a_failure_stops_their_lane(demo_tiny, tmp_path):
+    """A, B and D in the background lane: B starts after A has ended; D fails, so a second lane
+    stage after it never starts, while the foreground stage beside them trains."""
+    configs = stage_configs(demo_tiny, tmp_path)
+    configs["D"]["train_manifest"] = str(tmp_path / "missing.jsonl")
+    configs["late"] = {**configs["A"], "save_dir": str(tmp_path / "late")}
+    stages = [{"stage": s, "config": write_config(tmp_path / f"stage_{s}.json", configs[s]), "background": True}
+              for s in "ABD"]
+    stages.insert(2, {"stage": "C", "config": write_config(tmp_path / "stage_C.json", configs["C"])})
+    stages.append({"stage": "A", "config": write_config(tmp_path / "late.json", configs["late"]), "background": True})
+    proc = run_pipeline(write_config(tmp_path / "lane.json", {"stages": stages}))
+    assert proc.returncode == 2 and "stage D failed" in proc.stderr
+    lines = proc.stdout[proc.stdout.rindex("stage  status"):].splitlines()[1:6]
+    statuses = [line.split()[1] for line in lines]
+    assert statuses == ["trained", "trained", "trained", "failed", "pending"], lines
+    a_done = os.path.getmtime(os.path.join(configs["A"]["save_dir"], "thinker.pt"))
+    b_started = os.path.getmtime(os.path.join(configs["B"]["save_dir"], "config.json"))
+    assert b_started >= a_done
+    assert not os.path.exists(configs["late"]["save_dir"])
 
 
 def infer(*args):

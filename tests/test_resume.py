@@ -12,10 +12,11 @@ from omni.registry import STAGES
 from test_audio_enc import audio_enc_config
 from test_talker import tiny_stage_config as talker_config
 from test_vision import vision_config
+from test_vocoder import vocoder_config
 
 # stage letter -> the fixture giving its config function
 CONFIG_FIXTURES = {"A": "text_stage_config", "B": "audio_stage_config", "C": "vision_stage_config",
-                   "D": "talker_stage_config", "E": "omni_stage_config"}
+                   "D": "talker_stage_config", "E": "omni_stage_config", "F": "vocoder_stage_config"}
 
 
 def stage_case(letter: str):
@@ -46,6 +47,11 @@ def vision_stage_config(demo_tiny):  # dropout, shift and recolouring augmentati
 @pytest.fixture
 def talker_stage_config(demo_tiny):  # dropout, EMA codebooks, dead-code restarts; codec -> Talker at step 6
     return lambda save_dir, **kw: talker_config(demo_tiny, save_dir, **kw)
+
+
+@pytest.fixture
+def vocoder_stage_config(demo_tiny):  # random crops from the per-sample generator
+    return lambda save_dir, **kw: vocoder_config(demo_tiny, save_dir, **kw)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, assert_same_state, load_pt, run_script
 from omni.registry import STAGES
 from test_resume import (audio_stage_config, omni_stage_config, stage_case, talker_stage_config,  # noqa: F401
-                         text_stage_config, vision_stage_config)
+                         text_stage_config, vision_stage_config, vocoder_stage_config)
 
 KILLS = int(os.environ.get("OMNI_FUZZ_KILLS", "20"))
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from omni import checkpoint as ckpt
-from omni.codec import LOG_FLOOR, CodecArch, GriffinLimVocoder, SpeechCodec, usage_perplexity
+from omni.codec import LOG_FLOOR, CodecArch, SpeechCodec, usage_perplexity
 from omni.config import TrainConfig, UserError
 from omni.data.audio import AudioTextDataset
 from omni.features import MelSpec
@@ -30,6 +30,7 @@ from omni.talker import Talker, TalkerArch, text_to_ids
 from omni.logs import log
 from omni.registry import STAGES
 from omni.train.stage import Stage
+from omni.vocoder import GriffinLimVocoder
 
 
 @dataclass
