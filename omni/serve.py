@@ -118,6 +118,7 @@ class Turns:
         return events, stop
 
     def run(self, text: str, upload: Upload, speak: bool, put, stop: threading.Event) -> None:
+        error = None
         try:
             if stop.is_set():       # its reader left while it waited
                 return
@@ -129,12 +130,14 @@ class Turns:
                     if stop.is_set():
                         return
         except UserError as e:
-            put({"type": "error", "message": upload.readable(str(e)), "status": 400})
+            error = {"type": "error", "message": upload.readable(str(e)), "status": 400}
         except Exception as e:      # a bug, not bad input: say so on the page, keep serving, keep the trace
             traceback.print_exc()
-            put({"type": "error", "message": f"the model failed: {type(e).__name__}: {e}", "status": 500})
+            error = {"type": "error", "message": f"the model failed: {type(e).__name__}: {e}", "status": 500}
         finally:
-            upload.remove()
+            upload.remove()         # before the turn's last word: its reader finds the files gone
+            if error:
+                put(error)
             put(None)
 
 
