@@ -62,7 +62,9 @@ def answer_aloud(chat: Chat, args, question: str, image: str | None = None, audi
     wav = None
     try:
         for event in events:
-            if event["type"] == "text":
+            if event["type"] == "heard":
+                print(f"(heard: {event['text']})", flush=True)
+            elif event["type"] == "text":
                 print(event["text"], end="", flush=True)
             elif event["type"] == "audio":
                 wav = write_speech(args, [event["samples"]], chat.sample_rate, wav)

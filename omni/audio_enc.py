@@ -133,21 +133,6 @@ class AudioEncoder(nn.Module):
         return self.body(self.inp(x), pad_mask=mask), mask
 
 
-class CTCReader(nn.Module):
-    """Stage B's CTC head on its own: encoder outputs -> greedy transcripts. Stage E can write them
-    into the prompt after the audio (audio_transcript), so a spoken question also reaches the
-    Thinker as the words it already reads."""
-
-    def __init__(self, head: nn.Linear, charset: Charset):
-        super().__init__()
-        self.head, self.charset = head, charset
-
-    @torch.no_grad()
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        log_probs = self.head(hidden).float()
-        return [self.charset.decode(ids) for ids in ctc_greedy_decode(log_probs, mask.sum(dim=1))]
-
-
 class ASR(nn.Module):
     """Audio encoder + linear CTC head over the characters; greedy decoding."""
 
@@ -168,12 +153,10 @@ class ASR(nn.Module):
     def transcribe(self, waves: list[torch.Tensor], batch_size: int = 16) -> list[str]:
         """Greedy CTC transcripts of 1-D float waveforms at spec.sample_rate (16 kHz)."""
         device = self.head.weight.device
-        out, read = [], self.reader()
+        out = []
         for start in range(0, len(waves), batch_size):
             mels = [self.logmel(w.float().to(device)) for w in waves[start:start + batch_size]]
             mel, mask = pad_stack(mels)
-            out += read(*self.enc(mel.to(device), mask.to(device)))
+            hidden, mask = self.enc(mel.to(device), mask.to(device))
+            out += [self.charset.decode(ids) for ids in ctc_greedy_decode(self.head(hidden).float(), mask.sum(dim=1))]
         return out
-
-    def reader(self) -> CTCReader:
-        return CTCReader(self.head, self.charset)

@@ -4,7 +4,9 @@
     for piece in chat.answer("what is two plus three?"): ...          # text pieces as they are written
     for event in chat.talk("what is two plus three?"): ...            # text and speech as they come
 
-`talk` yields {"type": "text", "text"} events as the Thinker writes, {"type": "audio", "samples"}
+`talk` yields {"type": "heard", "text"} first when the model listened to a spoken question (Stage
+E's `transcribe`: the words it heard, from which it answers), {"type": "text", "text"} events as the
+Thinker writes, {"type": "audio", "samples"}
 events as the Talker speaks (a phrase at a time, while the Thinker goes on: Speaker.stream), and
 one {"type": "done", ...} event with the whole answer and its timings. Bad input raises UserError
 (one line) when `answer` or `talk` is called, before any piece or event.
@@ -86,6 +88,7 @@ class Chat:
         self.max_new_tokens, self.temperature, self.top_k, self.seed = max_new_tokens, temperature, top_k, seed
         self.sample_rate = MelSpec.sample_rate
         self._speaker: Speaker | None = None
+        self.heard: str | None = None       # what the model heard in the last spoken question (transcribe)
         prefix = stage_prefix_in(ckpt_dir) if os.path.isdir(ckpt_dir) else None
         self.is_omni = prefix == STAGES["E"].prefix
         self.max_pixels, self.max_seconds = MAX_IMAGE_PIXELS, 0.0
@@ -122,11 +125,16 @@ class Chat:
         """The answer's token ids as they are generated (checks the input first: UserError now)."""
         image, mel = self.media(image_path, audio_path)
         self.check_room(text, image, mel, ", ".join(p for p in (image_path, audio_path) if p))
+        self.heard = None
         if not self.is_omni:
             return continuation_ids(self.model, self.tokenizer, text, self.max_new_tokens, self.temperature,
                                     self.top_k, self.seed, self.device)
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        return self.model.answer(text, image, mel, self.max_new_tokens, self.temperature, self.top_k, generator)
+        media = self.model.encode_media([image], [mel])[0]
+        if media.audio is not None and self.model.transcribe:      # it listens first: what did it hear?
+            self.heard = media.heard = self.model.listen(media)
+        return self.model.answer(text, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                 top_k=self.top_k, generator=generator, media=media)
 
     def answer(self, text: str, image_path: str | None = None, audio_path: str | None = None):
         """Yield the answer piece by piece as it is generated."""
@@ -138,9 +146,11 @@ class Chat:
         answer and its figures (module docstring; timings from this call)."""
         start = time.perf_counter()
         ids = self.token_ids(text, image_path, audio_path)
-        return self._events(ids, self.speaker if speak else None, start)
+        return self._events(ids, self.speaker if speak else None, start, self.heard)
 
-    def _events(self, ids, speaker: Speaker | None, start: float):
+    def _events(self, ids, speaker: Speaker | None, start: float, heard: str | None):
+        if heard is not None:
+            yield {"type": "heard", "text": heard}
         clock = {"thinker": 0.0, "tokens": 0}
         pieces = _timed(stream_text(_counted(ids, self.tokenizer.eos_id, clock), self.tokenizer), clock)
         items = speaker.stream(pieces, seed=self.seed, with_text=True) if speaker else pieces
@@ -173,7 +183,7 @@ class Chat:
         cost little beside generation), so the length is exactly the one `answer` builds."""
         if self.is_omni:
             media = self.model.encode_media([image], [mel])[0]
-            length, limit = self.model.prompt_embeddings(text, media).shape[1], self.model.thinker.arch.max_seq_len
+            length, limit = self.model.prompt_length(text, media), self.model.thinker.arch.max_seq_len
         else:
             length, limit = len(self.tokenizer.encode(text, bos=True)), self.model.arch.max_seq_len
         if length >= limit:

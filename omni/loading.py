@@ -10,7 +10,7 @@ load nothing themselves.
   load_clip(dir, device) -> CLIP;  load_vision_encoder(dir, device) Stage C
   load_speaker(dir, device, vocoder_dir) -> Speaker;  speak_to_file(...)   Stage D (+ F)
   load_vocoder(dir, device) -> NeuralVocoder                         Stage F
-  load_omni(dir, device) -> (OmniModel, config);  load_omni_parts   Stage E and what it builds on
+  load_omni(dir, device) -> (OmniModel, config);  build_omni        Stage E and what it builds on
   load_component(dir, spec) -> (weights by key, config, path)       any stage
   checkpoint_in / read_checkpoint / stage_prefix_in / read_export / resolve_dir: finding and reading files
 
@@ -31,7 +31,7 @@ from omni.codec import CodecArch, SpeechCodec
 from omni.config import UserError, check_type, read_json
 from omni.features import MelSpec
 from omni.generation import Speaker, write_wav
-from omni.omni_model import OmniModel, Projector, vision_projector
+from omni.omni_model import OmniModel, Projector
 from omni.registry import STAGES, StageSpec, by_prefix, prefixes
 from omni.talker import Talker, TalkerArch
 from omni.thinker import Thinker, ThinkerArch
@@ -45,8 +45,9 @@ ARCHS = {STAGES["A"].prefix: (ThinkerArch,), STAGES["B"].prefix: (AudioEncArch,)
          STAGES["D"].prefix: (CodecArch, TalkerArch), STAGES["E"].prefix: (), STAGES["F"].prefix: (VocoderArch,)}
 # The other config keys the loaders (and infer.py) read, and their types.
 SETTINGS = {STAGES["D"].prefix: {"griffin_lim_iters": int}, STAGES["F"].prefix: {"refine_iters": int},
-            STAGES["E"].prefix: {"image_size": int, "image_resize": str, "colour_apart": bool, "object_tokens": bool,
-                                 "audio_transcript": bool, "audio_frames": bool}}
+            STAGES["E"].prefix: {"image_size": int, "image_resize": str, "patch_merge": int, "transcribe": bool}}
+# Stage E options that are gone, with the value a model trained under them had (none loads now).
+REMOVED_OMNI_OPTIONS = {"colour_apart": True, "object_tokens": True, "audio_frames": False}
 
 
 # ----------------------------------------------------------------------------- files and formats
@@ -259,12 +260,20 @@ def speak_to_file(text: str, path: str, talker_dir: str, device="cpu", temperatu
     return len(wave) / speaker.sample_rate
 
 
-def load_omni_parts(thinker_dir: str, audio_enc_dir: str, vision_dir: str, device):
-    """(Thinker, tokenizer, audio encoder, vision encoder, CTC reader) from the folders of stages A,
-    B, C; the reader is Stage B's CTC head, for transcripts in the prompt."""
+def build_omni(config: dict, thinker_dir: str, audio_enc_dir: str, vision_dir: str, device,
+               source: str = "the config") -> OmniModel:
+    """The omni model its Stage E config describes (patch_merge, transcribe), on the Thinker,
+    audio encoder and vision encoder in the folders of stages A, B and C; its projectors new.
+    Training (omni/stages/omni_sft.py) and loading (`load_omni`) both build it here."""
+    for key, value in REMOVED_OMNI_OPTIONS.items():
+        if config.get(key, not value) == value:
+            raise UserError(f"{source}: config key {key!r}: {value} was a demo-world option that is gone "
+                            f"(docs/stage_e_sft.md); retrain Stage E with `python sft_omni.py`")
     thinker, tokenizer = load_thinker(thinker_dir, device)
-    asr = load_asr(audio_enc_dir, device)
-    return thinker, tokenizer, asr.enc, load_vision_encoder(vision_dir, device), asr.reader()
+    audio_enc, vision = load_audio_encoder(audio_enc_dir, device), load_vision_encoder(vision_dir, device)
+    merge, d = config.get("patch_merge", 1), thinker.arch.d_model
+    return OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d), Projector(vision.out_dim * merge * merge, d),
+                     audio_enc, vision, patch_merge=merge, transcribe=config.get("transcribe", False))
 
 
 def load_omni(ckpt_dir: str, device):
@@ -275,13 +284,7 @@ def load_omni(ckpt_dir: str, device):
     spec = STAGES["E"]
     weights, config, _ = load_component(ckpt_dir, spec)
     dirs = [resolve_dir(ckpt_dir, config[key]) for key, _ in spec.components]
-    thinker, tokenizer, audio_enc, vision, reader = load_omni_parts(*dirs, device)
-    d = thinker.arch.d_model
-    model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d),
-                      vision_projector(vision.out_dim, d, config.get("colour_apart", False),
-                                       config.get("object_tokens", False)),
-                      audio_enc, vision, reader if config.get("audio_transcript") else None,
-                      audio_frames=config.get("audio_frames", True), objects=config.get("object_tokens", False))
+    model = build_omni(config, *dirs, device, source=ckpt_dir)
     parts = model.parts()
     for key, state in weights.items():
         parts[key].load_state_dict(state)

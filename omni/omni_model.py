@@ -2,15 +2,21 @@
 
 A conversation becomes one embedding sequence:
 
-    <s> <user> [<img> v_1 .. v_N </img>] [<audio> a_1 .. a_M </audio> heard] question <assistant> answer </s>
+    <s> <user> [<img> v_1 .. v_N </img>] [<audio> a_1 .. a_M </audio>] question <assistant> answer </s>
 
-where v_i are the vision encoder's tokens and a_j the audio encoder's frames, each mapped to the
-Thinker's width by a small MLP (proj_v, proj_a); `heard` (Stage B's greedy CTC transcript of the
-same frames) is there when the model has a transcriber; without `audio_frames` the a_j are left
-out and `heard` alone carries the question. Media attach to the first user turn;
-later turns repeat `<user> question <assistant> answer </s>`. Training predicts only the answer tokens and
-their closing </s>; generation stops at </s>. The same code builds sequences for SFT and for
-inference, so the two cannot drift apart.
+where v_i are the vision encoder's patch tokens (`patch_merge` x `patch_merge` neighbours joined
+into one) and a_j the audio encoder's frames, each mapped to the Thinker's width by a small MLP
+(proj_a, proj_v). Media attach to the first user turn; later turns repeat `<user> question
+<assistant> answer </s>`. Training predicts only the answer tokens and their closing </s>;
+generation stops at </s>. The same code builds sequences for SFT and for inference, so the two
+cannot drift apart.
+
+With `transcribe` (chain of modality, as in SpeechGPT) a spoken question is handled in two steps
+by the same Thinker. It listens: `<s> <user> <audio> a_1 .. a_M` -> it writes what it heard and
+`</audio>` (trained on the records' transcripts). Then it answers from its own words, the frames
+left out: `<s> <user> [<img> ..] <audio> </audio> heard question <assistant> answer </s>`. A spoken
+question then reaches the answer as the words the Thinker learnt in Stage A, so what it can answer
+typed it can answer spoken (docs/stage_e_sft.md).
 """
 from __future__ import annotations
 
@@ -20,7 +26,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from omni.colours import CROP, DESCRIPTOR, object_masks, object_tokens, patch_colours, silhouette
 from omni.layers import pad_stack
 from omni.thinker import Thinker
 from omni.tokenizer import Tokenizer
@@ -29,45 +34,31 @@ IGNORE = -100
 VISION_CACHE_BYTES = 512 * 2**20    # OmniModel.vision_cache stops growing here
 
 
-def mlp(in_dim: int, out_dim: int) -> nn.Sequential:
-    """Linear, GELU, Linear: the projectors' one building block."""
-    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-
-
 class Projector(nn.Module):
-    """Encoder features -> Thinker embeddings: Linear, GELU, Linear. With `colour` (the vision
-    projector under Stage E's colour_apart, omni/colours.py: the width of each token's colour
-    descriptor, 3 for a patch's mean colour, colours.DESCRIPTOR for an object's) each token
-    also gets its descriptor added through an MLP of its own: colour beside shape, never fused with it. (An MLP, not
-    a linear map: attention scores are linear in what they read, and a linear colour embedding
-    cannot make "red" score above every other colour the training images hold, so "the red one"
-    could not be found; measured in docs/stage_e_experiments.md.)"""
+    """Encoder features -> Thinker embeddings: Linear, GELU, Linear."""
 
-    def __init__(self, in_dim: int, out_dim: int, colour: int = 0, outline: int = 0):
+    def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.net = mlp(in_dim, out_dim)
-        self.colour = mlp(colour - outline, out_dim) if colour else None
-        # the descriptor's last `outline` numbers (an object's silhouette crop) get an MLP of their own:
-        # through the colour's MLP, shape and colour would fuse and held-out pairs be lost
-        self.outline = mlp(outline, out_dim) if outline else None
+        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
-    def forward(self, x, colours: torch.Tensor | None = None):
-        """x [..., in_dim]; colours [..., colour] (the descriptors) when the projector has a colour map."""
-        if (colours is None) != (self.colour is None):
-            raise ValueError("patch colours go with a colour projector (colour_apart), and only with one")
-        if colours is None:
-            return self.net(x)
-        if self.outline is None:
-            return self.net(x) + self.colour(colours)
-        split = colours.shape[-1] - self.outline[0].in_features
-        return self.net(x) + self.colour(colours[..., :split]) + self.outline(colours[..., split:])
+    def forward(self, x):
+        return self.net(x)
 
 
-def vision_projector(in_dim: int, out_dim: int, colour_apart: bool, objects: bool) -> Projector:
-    """proj_v as Stage E's options shape it: a colour map of patch colours (colour_apart) or of
-    object descriptors (object_tokens), or none."""
-    return Projector(in_dim, out_dim, colour=(DESCRIPTOR if objects else 3) if colour_apart else 0,
-                     outline=CROP * CROP if objects and colour_apart else 0)
+def merge_patches(feats: torch.Tensor, merge: int) -> torch.Tensor:
+    """ViT tokens [B, 1+P, D] (CLS first, then a square grid of P patches) -> [B, P/merge^2, merge^2 D]:
+    each merge x merge block of neighbouring patches joined into one token (a pixel shuffle of the
+    tokens, as nanoVLM does), the CLS token dropped; merge 1 keeps every token, CLS included. Fewer,
+    wider tokens: nothing is averaged away, and the sequence is merge^2 times shorter."""
+    if merge == 1:
+        return feats
+    b, n, d = feats.shape
+    side = int(round((n - 1) ** 0.5))
+    if side * side != n - 1 or side % merge:
+        raise ValueError(f"patch_merge {merge}: the vision encoder's {n - 1} patches are not a square grid "
+                         f"whose side divides by {merge}")
+    grid = feats[:, 1:].reshape(b, side // merge, merge, side // merge, merge, d)
+    return grid.permute(0, 1, 3, 2, 4, 5).reshape(b, (side // merge) ** 2, merge * merge * d)
 
 
 def question_answer_pairs(conversation: list[dict]) -> list[tuple[str | None, str]]:
@@ -128,29 +119,25 @@ class Media:
     """Projected features of one sample's image and audio (either may be None)."""
     image: torch.Tensor | None = None      # [N, d_model]
     audio: torch.Tensor | None = None      # [M, d_model]
-    transcript: str = ""                   # what the CTC reader heard, when the model has one
+    heard: str | None = None               # with `transcribe`: what the audio says (the record's transcript
+                                           # in training, the Thinker's own reading at inference)
 
 
 class OmniModel(nn.Module):
     def __init__(self, thinker: Thinker, tokenizer: Tokenizer, proj_a: Projector, proj_v: Projector,
                  audio_encoder: nn.Module | None = None, vision_encoder: nn.Module | None = None,
-                 transcriber: nn.Module | None = None, audio_frames: bool = True, objects: bool = False):
+                 patch_merge: int = 1, transcribe: bool = False):
         super().__init__()
         self.thinker, self.proj_a, self.proj_v = thinker, proj_a, proj_v
         self.audio_encoder, self.vision_encoder = audio_encoder, vision_encoder
-        self.transcriber = transcriber   # (hidden, mask) -> texts; never trained
-        # False: the frames are left out and the transcript alone carries a spoken question
-        # (<audio></audio> then stays in the prompt as the sign that the question was spoken).
-        self.audio_frames = audio_frames
-        # True (Stage E's object_tokens; needs a colour projector): one image token per object
-        # (omni/colours.py) after the CLS token, instead of one per patch.
-        self.objects = objects
+        self.patch_merge = patch_merge     # merge_patches: image tokens are merge^2 patches each
+        self.transcribe = transcribe       # spoken questions: listen (write the words), then answer from them
         self.tok = tokenizer
         # Stage E's vision_cache sets it to {} (the vision encoder frozen): the ViT's features of each
-        # image (and its object masks) are then computed once and reused, a step about a third faster
-        # on the demo world. An entry is computed for its image alone, never inside a batch, so its
-        # numbers do not depend on which batch the image first came in (exact resume holds); that is
-        # slower than a batch for images seen once, so it is for small image sets seen every epoch.
+        # image are then computed once and reused, a step about a third faster on the demo world. An
+        # entry is computed for its image alone, never inside a batch, so its numbers do not depend on
+        # which batch the image first came in (exact resume holds); that is slower than a batch for
+        # images seen once, so it is for small image sets seen every epoch.
         self.vision_cache: dict | None = None
         self.vision_cache_bytes = 0
 
@@ -173,54 +160,41 @@ class OmniModel(nn.Module):
         has_img = [i for i, x in enumerate(images) if x is not None]
         if has_img:
             stacked = torch.stack([images[i] for i in has_img]).to(self.device)
-            apart = self.proj_v.colour is not None      # colour_apart: the ViT sees silhouettes only
-            seen = silhouette(stacked) if apart else stacked
-            masks = None
             if self.vision_cache is not None and "vision" not in trained:
-                feats, masks = self._cached_vision(stacked, seen)
+                feats = self._cached_vision(stacked)
             else:
                 with torch.set_grad_enabled(grad and "vision" in trained):
-                    feats = self._need(self.vision_encoder, "vision")(seen)
+                    feats = self._need(self.vision_encoder, "vision")(stacked)
+            projected = self.proj_v(merge_patches(feats, self.patch_merge))
+            for row, i in enumerate(has_img):
+                media[i].image = projected[row]
         has_aud = [i for i, x in enumerate(mels) if x is not None]
         if has_aud:
             with torch.set_grad_enabled(grad and "audio_enc" in trained):
                 mel, mask = pad_stack([mels[i] for i in has_aud])
                 hidden, hmask = self._need(self.audio_encoder, "audio")(mel.to(self.device), mask.to(self.device))
-        if has_img:
-            if self.objects:     # variable length: project all images' object tokens at once, then split
-                tokens, descriptors = zip(*object_tokens(stacked, feats, masks))
-                projected = self.proj_v(torch.cat(tokens), torch.cat(descriptors)).split([len(t) for t in tokens])
-            else:
-                projected = self.proj_v(feats, patch_colours(stacked, feats.shape[1]) if apart else None)
-            for row, i in enumerate(has_img):
-                media[i].image = projected[row]
-        if has_aud:
-            projected = self.proj_a(hidden) if self.audio_frames else None
-            heard = self.transcriber(hidden, hmask) if self.transcriber is not None else [""] * len(has_aud)
+            projected = self.proj_a(hidden)
             for row, i in enumerate(has_aud):
-                media[i].audio = projected[row][hmask[row]] if projected is not None else self._ids([])
-                media[i].transcript = heard[row]
+                media[i].audio = projected[row][hmask[row]]
         return media
 
     @torch.no_grad()
-    def _cached_vision(self, images: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, list | None]:
-        """The frozen ViT's features [B, 1+P, D] of `seen` (what it is shown of `images`) and, with
-        object tokens, each image's object masks: from vision_cache where the ViT saw the same pixels
-        before, else computed for the image alone and kept while the cache is under VISION_CACHE_BYTES."""
+    def _cached_vision(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen ViT's features [B, 1+P, D] of `images`: from vision_cache where the ViT saw the
+        same pixels before, else computed for the image alone and kept while the cache is under
+        VISION_CACHE_BYTES."""
         vision = self._need(self.vision_encoder, "vision")
-        entries = []
-        for image, shown in zip(images, seen):
-            key = hashlib.blake2b(shown.cpu().numpy().tobytes(), digest_size=16).digest()
+        feats = []
+        for image in images:
+            key = hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest()
             entry = self.vision_cache.get(key)
             if entry is None:
-                entry = (vision(shown[None])[0], object_masks(image[None])[0] if self.objects else None)
-                size = entry[0].nbytes + (entry[1].nbytes if self.objects else 0)
-                if self.vision_cache_bytes + size <= VISION_CACHE_BYTES:
+                entry = vision(image[None])[0]
+                if self.vision_cache_bytes + entry.nbytes <= VISION_CACHE_BYTES:
                     self.vision_cache[key] = entry
-                    self.vision_cache_bytes += size
-            entries.append(entry)
-        feats, masks = zip(*entries)
-        return torch.stack(feats), list(masks) if self.objects else None
+                    self.vision_cache_bytes += entry.nbytes
+            feats.append(entry)
+        return torch.stack(feats)
 
     @staticmethod
     def _need(encoder, name):
@@ -237,10 +211,27 @@ class OmniModel(nn.Module):
         parts = [self._ids([sp["<user>"]])]
         if media is not None and media.image is not None:
             parts += [self._ids([sp["<img>"]]), media.image, self._ids([sp["</img>"]])]
-        if media is not None and media.audio is not None:
+        if media is not None and media.audio is not None and self.transcribe:
+            if media.heard is None:
+                raise ValueError("with transcribe, a spoken question is answered from what was heard: listen first")
+            parts.append(self._ids([sp["<audio>"], sp["</audio>"]]))     # the sign that the question was spoken
+            text = " ".join(t for t in (media.heard, text) if t)        # the words heard, then any typed
+        elif media is not None and media.audio is not None:
             parts += [self._ids([sp["<audio>"]]), media.audio, self._ids([sp["</audio>"]])]
-            text = " ".join(t for t in (media.transcript, text) if t)   # the words heard, then any typed
         return parts + [self._ids(self.tok.encode(text) + [sp["<assistant>"]])]
+
+    def listening_prompt(self, media: Media) -> torch.Tensor:
+        """[L, D]: `<s> <user> <audio> a_1 .. a_M`, after which the Thinker writes what it heard."""
+        sp = self.tok.special
+        return torch.cat([self._ids([self.tok.bos_id, sp["<user>"], sp["<audio>"]]), media.audio])
+
+    def listening_sequence(self, media: Media) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [L, D], labels [L]) of the listening step: the transcript (media.heard) and
+        `</audio>` after the frames are learned, nothing else."""
+        heard = self.tok.encode(media.heard) + [self.tok.special["</audio>"]]
+        prompt = self.listening_prompt(media)
+        labels = [IGNORE] * (prompt.shape[0] - 1) + heard + [IGNORE]
+        return torch.cat([prompt, self._ids(heard)]), torch.tensor(labels, device=self.device)
 
     def training_sequence(self, conversation: list[dict], media: Media) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings [L, D], labels [L]): labels[i] is the token at i+1 where it is part of an
@@ -264,32 +255,72 @@ class OmniModel(nn.Module):
         """[1, L, D]: everything up to and including <assistant>, ready for generation."""
         return torch.cat([self._ids([self.tok.bos_id])] + self._user_turn(question, media))[None]
 
+    def prompt_length(self, question: str, media: Media) -> int:
+        """Positions the longest prompt of an answer takes before anything is generated (with
+        `transcribe`: the listening prompt, or the answer's without the words heard)."""
+        if media.audio is None or not self.transcribe:
+            return self.prompt_embeddings(question, media).shape[1]
+        blank = Media(media.image, media.audio, heard="")
+        return max(self.listening_prompt(media).shape[0], self.prompt_embeddings(question, blank).shape[1])
+
+    def sequences(self, samples: list[dict], media: list[Media]) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+        """(embeddings, labels, sample) per training sequence of a batch: each sample's conversation,
+        and with `transcribe` the listening step of each spoken one before it (a sample with a
+        transcript and no turns only listens; its sample is then {"kind": "listening"})."""
+        seqs = []
+        for sample, m in zip(samples, media):
+            if m.audio is not None and self.transcribe:
+                if not sample.get("transcript"):
+                    raise ValueError("transcribe: a spoken sample needs its transcript")
+                m.heard = sample["transcript"]
+                seqs.append((*self.listening_sequence(m), {"kind": "listening", "conversation": []}))
+            if sample["conversation"]:
+                seqs.append((*self.training_sequence(sample["conversation"], m), sample))
+        return seqs
+
     def batch_loss(self, samples: list[dict], trained: tuple = (),
                    smoothing: AnswerSmoothing | None = None) -> tuple[torch.Tensor, int]:
-        """Mean cross-entropy over answer tokens of a batch of SFT samples, and their count; with
-        `smoothing`, the first answer tokens' targets are smoothed within their answer type."""
+        """Mean cross-entropy over the learned tokens (answers, and with `transcribe` what was
+        heard) of a batch of SFT samples, and their count; with `smoothing`, the first answer
+        tokens' targets are smoothed within their answer type."""
         media = self.encode_media([s["image"] for s in samples], [s["mel"] for s in samples], trained)
-        seqs = [self.training_sequence(s["conversation"], m) for s, m in zip(samples, media)]
-        longest = max(e.shape[0] for e, _ in seqs)
+        seqs = self.sequences(samples, media)
+        longest = max(e.shape[0] for e, _, _ in seqs)
         if longest > self.thinker.arch.max_seq_len:
             raise ValueError(f"an SFT sequence of {longest} positions exceeds the Thinker's max_seq_len "
                              f"{self.thinker.arch.max_seq_len}")
         embeds = torch.zeros(len(seqs), longest, seqs[0][0].shape[1], device=self.device, dtype=seqs[0][0].dtype)
         labels = torch.full((len(seqs), longest), IGNORE, device=self.device)
-        for i, (e, lab) in enumerate(seqs):      # right padding: causal attention never sees it
+        for i, (e, lab, _) in enumerate(seqs):      # right padding: causal attention never sees it
             embeds[i, :e.shape[0]], labels[i, :lab.shape[0]] = e, lab
         logits = self.thinker(embeds=embeds).float()
         n = int((labels != IGNORE).sum())
         per_token = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
         if smoothing is not None:
-            per_token = smoothing(per_token, logits, labels, samples, self.tok.eos_id)
+            per_token = smoothing(per_token, logits, labels, [row for _, _, row in seqs], self.tok.eos_id)
         return per_token.sum() / max(n, 1), n
 
     @torch.no_grad()
+    def listen(self, media: Media, max_new_tokens: int = 48) -> str:
+        """What the Thinker hears in media.audio: the words it writes after the frames, greedily, up
+        to `</audio>`."""
+        end, ids = self.tok.special["</audio>"], []
+        for nxt in self.thinker.generate(embeds=self.listening_prompt(media)[None], max_new_tokens=max_new_tokens,
+                                         eos_id=end):
+            if nxt.item() == end:
+                break
+            ids.append(nxt.item())
+        return self.tok.decode(ids)
+
+    @torch.no_grad()
     def answer(self, question: str, image=None, mel=None, max_new_tokens: int = 32, temperature: float = 0.0,
-               top_k: int = 0, generator=None):
-        """Yield the answer's token ids one by one (stops before </s>)."""
-        media = self.encode_media([image], [mel])[0]
+               top_k: int = 0, generator=None, media: Media | None = None):
+        """Yield the answer's token ids one by one (stops before </s>). With `transcribe`, a spoken
+        question is listened to first (`listen`; media.heard holds the words after). `media`: the
+        encoded image and audio, instead of encoding them again."""
+        media = media or self.encode_media([image], [mel])[0]
+        if media.audio is not None and self.transcribe and media.heard is None:
+            media.heard = self.listen(media)
         for nxt in self.thinker.generate(embeds=self.prompt_embeddings(question, media),
                                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                          eos_id=self.tok.eos_id, generator=generator):

@@ -5,7 +5,8 @@
 
 The page (omni/serve_page.html: plain JS, nothing fetched from outside) sends a turn -- typed text,
 a picture, a recording -- as a multipart POST to /turn. The answer comes back while it is made, as
-newline-delimited JSON: {"type": "text", "text"} pieces, {"type": "audio", "pcm16": base64 16-bit
+newline-delimited JSON: {"type": "heard", "text"} first for a spoken question (what the model
+heard), {"type": "text", "text"} pieces, {"type": "audio", "pcm16": base64 16-bit
 PCM, "samples", "sample_rate"} chunks, then {"type": "done", ...the turn's figures} (or
 {"type": "error", "message"} when the model fails half-way).
 

@@ -127,7 +127,7 @@ def tiny_stage_configs(demo: str, root) -> dict:
     text = (f"{demo}/text/train.txt", f"{demo}/text/val.txt")
     return {"A": thinker_config(text, root / "thinker", vocab_size=160, max_seq_len=256, max_steps=9),
             "B": audio_enc_config(demo, root / "audio_enc", max_steps=9),
-            "C": vision_config(demo, root / "vision", max_steps=9, decoder_layers=1, recolour_share=0.5),
+            "C": vision_config(demo, root / "vision", max_steps=9, decoder_layers=1),
             "D": talker_config(demo, root / "talker"),
             "E": {"seed": 4, "save_dir": str(root / "omni"), "demo_dir": "",
                   "thinker_dir": str(root / "thinker"), "audio_enc_dir": str(root / "audio_enc"),
@@ -135,8 +135,8 @@ def tiny_stage_configs(demo: str, root) -> dict:
                   "val_manifest": f"{demo}/sft_val.jsonl", "test_manifest": f"{demo}/sft_test.jsonl",
                   "asr_manifest": f"{demo}/asr_train.jsonl", "batch_size": 4, "lr": 2e-3, "warmup_steps": 2,
                   "max_steps": 8, "eval_interval": 4, "checkpoint_freq": 4, "log_interval": 1,
-                  "eval_batches": 2, "qa_eval_limit": 12, "max_answer_tokens": 4, "audio_transcript": True,
-                  "colour_apart": True, "answer_smoothing": 0.2, "vision_cache": True, "progress": False},
+                  "eval_batches": 2, "qa_eval_limit": 12, "max_answer_tokens": 4, "transcribe": True,
+                  "patch_merge": 2, "answer_smoothing": 0.2, "vision_cache": True, "progress": False},
             "F": vocoder_config(demo, root / "vocoder")}
 
 

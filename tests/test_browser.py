@@ -157,6 +157,7 @@ def test_a_spoken_question_through_the_microphone(browser, chat, heard, demo_tin
     assert np.corrcoef(got[at:at + len(said)], said)[0, 1] > 0.9
     sf.write(tmp_path / "sent.wav", got, RATE)
     assert turn["answer"] == "".join(chat.answer("", audio_path=str(tmp_path / "sent.wav")))
+    assert turn["heard"] == chat.heard and chat.heard is not None      # shown as what the model heard
 
 
 def test_bad_uploads_show_a_clear_message_and_the_page_goes_on(browser, chat, tmp_path):

@@ -74,9 +74,8 @@ def test_one_line_unwraps_errors_from_dataloader_workers():
 
 def test_shares_must_lie_between_zero_and_one():
     from omni.stages.omni_sft import OmniSFTConfig
-    from omni.stages.vision import VisionConfig
-    assert load_config(OmniSFTConfig, None, ["recolour_share=1", "answer_smoothing=0.2"]).recolour_share == 1.0
-    for cls, override, message in ((VisionConfig, "recolour_share=1.5", "at most 1.0"),
+    assert load_config(OmniSFTConfig, None, ["answer_smoothing=1"]).answer_smoothing == 1.0
+    for cls, override, message in ((OmniSFTConfig, "answer_smoothing=1.5", "at most 1.0"),
                                    (OmniSFTConfig, "answer_smoothing=-0.1", "at least 0.0")):
         with pytest.raises(UserError, match=f"'{override.split('=')[0]}': must be {message}"):
             load_config(cls, None, [override])

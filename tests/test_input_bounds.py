@@ -175,8 +175,7 @@ def test_the_chat_reports_too_long_audio_and_prompts_and_goes_on(chat, tmp_path,
 # ----------------------------------------------------------------------------- Stage E start-up (items 7, 10)
 def sft_stage(omni, tmp_path, monkeypatch, records, **overrides):
     from omni.stages import omni_sft
-    monkeypatch.setattr(omni_sft, "load_omni_parts", lambda *dirs: (
-        omni.thinker, omni.tok, omni.audio_encoder, omni.vision_encoder, None))
+    monkeypatch.setattr(omni_sft, "build_omni", lambda *args, **kw: omni)
     manifest = tmp_path / "sft_train.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = build_config(omni_sft.OmniSFTConfig, {
@@ -198,8 +197,8 @@ def test_stage_e_refuses_at_start_up_a_conversation_longer_than_max_seq_len(omni
                {"image": "a.png", "conversation": turns("what colour is the big circle above?", "red")}]
     with pytest.raises(UserError) as e:
         sft_stage(omni, tmp_path, monkeypatch, records)
-    assert str(e.value).startswith(f"{tmp_path / 'sft_train.jsonl'} line 3: a conversation of ")
-    assert "(image 7, audio 0, text " in str(e.value)
+    assert str(e.value).startswith(f"{tmp_path / 'sft_train.jsonl'} line 3: a sequence of ")
+    assert "(image 5 tokens, audio 0 frames)" in str(e.value)
     assert str(e.value).endswith(f"exceeds the Thinker's max_seq_len {MAX_SEQ_LEN} (checkpoints/thinker_tiny): "
                                  "shorten it or leave it out")
     assert not os.path.exists(tmp_path / "run")
@@ -215,7 +214,7 @@ def test_stage_e_counts_audio_frames_and_skips_images_over_max_image_pixels(omni
     assert isinstance(skipped, SkippedSample) and "16x16 image (0.0 megapixels) is larger than max_image_pixels 255" \
         in skipped.message
     records[1]["conversation"] = turns("a tone", "a long answer about it")    # 13 audio frames tip it over
-    with pytest.raises(UserError, match=r"line 2: a conversation of \d+ positions \(image 0, audio 15, text"):
+    with pytest.raises(UserError, match=r"line 2: a sequence of \d+ positions \(image 0 tokens, audio 13 frames\)"):
         sft_stage(omni, tmp_path, monkeypatch, records)
 
 

@@ -18,7 +18,7 @@ from conftest import ROOT
 FLOORS = [
     ["omni.config", "omni.registry", "omni.cli", "omni.resume_policy", "omni.transcripts"],   # plain Python
     ["omni.checkpoint", "omni.runtime", "omni.tokenizer", "omni.logs", "omni.metrics"],     # files, devices, logs
-    ["omni.layers", "omni.features", "omni.colours"],                                       # building blocks
+    ["omni.layers", "omni.features"],                                       # building blocks
     ["omni.thinker", "omni.vision", "omni.audio_enc", "omni.codec", "omni.vocoder", "omni.talker",     # models
      "omni.omni_model",
      "omni.data.*"],                                                                        # | data

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from omni.omni_model import IGNORE, OmniModel, Projector
+from omni.omni_model import IGNORE, Media, OmniModel, Projector, merge_patches
 from omni.thinker import Thinker, ThinkerArch
 from omni.tokenizer import Tokenizer
 
@@ -75,58 +75,83 @@ def test_answer_generation_uses_the_same_prompt(model):
     assert torch.equal(full[:prompt.shape[0]], prompt)
 
 
-class FakeReader(nn.Module):
-    def forward(self, hidden, mask):
-        return ["what is two plus two"] * hidden.shape[0]
+def spoken(transcript, answer=None, mel=None):
+    return {"conversation": conversation("", answer) if answer else [], "kind": "speech_qa", "image": None,
+            "mel": torch.randn(10, 6) if mel is None else mel, "transcript": transcript}
 
 
-def test_a_transcriber_writes_what_it_heard_before_the_typed_question(model):
-    """With audio_transcript, the prompt holds the audio frames and then the words heard, as text."""
+def test_transcribe_listens_to_the_frames_then_answers_from_the_words_alone(model):
+    """Chain of modality: `<s> <user> <audio> frames` -> the words heard and </audio> are learned;
+    the answer's sequence holds `<audio></audio>` and those words instead of the frames."""
+    tok, sp = model.tok, model.tok.special
+    words = tok.encode("what is two plus two")
+    model.transcribe = True
+    try:
+        media = model.encode_media([None], [torch.randn(10, 6)])[0]           # 5 frames
+        media.heard = "what is two plus two"
+        embeds, labels = model.listening_sequence(media)
+        prompt = model.listening_prompt(media)
+        answer_embeds, answer_labels = model.training_sequence(conversation("", "four"), media)
+        rows = model.sequences([spoken("what is two plus two", "four"), spoken("hello there")],
+                               model.encode_media([None, None], [torch.randn(10, 6), torch.randn(8, 6)]))
+        with pytest.raises(ValueError, match="listen first"):
+            model.prompt_embeddings("", Media(audio=media.audio))
+    finally:
+        model.transcribe = False
+    assert prompt.shape[0] == 3 + 5 and torch.equal(embeds[:8], prompt)
+    assert torch.equal(prompt[:3], model._ids([tok.bos_id, sp["<user>"], sp["<audio>"]]))
+    learned = labels[labels != IGNORE].tolist()
+    assert learned == words + [sp["</audio>"]]
+    assert (labels != IGNORE).nonzero().flatten().tolist() == list(range(7, 7 + len(words) + 1))
+    expected = [tok.bos_id, sp["<user>"], sp["<audio>"], sp["</audio>"]] + words + [sp["<assistant>"]]
+    assert torch.equal(answer_embeds[:len(expected)], model._ids(expected))     # no frame in the answer's
+    assert answer_labels[answer_labels != IGNORE].tolist() == tok.encode("four") + [tok.eos_id]
+    # a spoken conversation gives its listening step and its answer; a transcript without turns only listens
+    assert [row["kind"] for _, _, row in rows] == ["listening", "speech_qa", "listening"]
+
+
+def test_answer_listens_first_and_the_loss_covers_both_steps(model):
     mel = torch.randn(10, 6)
-    plain = model.prompt_embeddings("", model.encode_media([None], [mel])[0])
-    model.transcriber = FakeReader()
+    model.transcribe = True
     try:
         media = model.encode_media([None], [mel])[0]
-        assert media.transcript == "what is two plus two"
-        heard = model.prompt_embeddings("", media)
-        typed = model.prompt_embeddings("please", media)
+        ids = list(model.answer("", media=media, max_new_tokens=4))
+        heard = media.heard
+        model.zero_grad(set_to_none=True)
+        loss, n = model.batch_loss([spoken("what is two plus two", "four", mel)])
+        assert model.prompt_length("", Media(audio=media.audio)) == 3 + 5
+        with pytest.raises(ValueError, match="needs its transcript"):
+            model.batch_loss([{**spoken("x", "four", mel), "transcript": None}])
     finally:
-        model.transcriber = None
-    words = model.tok.encode("what is two plus two")
-    assert heard.shape[1] == plain.shape[1] + len(words)
-    assert torch.equal(heard[0, -len(words) - 1:-1], model._ids(words))          # right before <assistant>
-    assert torch.equal(heard[0, :plain.shape[1] - 1], plain[0, :-1])             # the frames are unchanged
-    assert typed.shape[1] == len(model.tok.encode("what is two plus two please")) + plain.shape[1]
-
-
-def test_without_audio_frames_the_transcript_alone_carries_a_spoken_question(model):
-    """audio_frames false: <audio></audio> and the words heard, no frames; proj_a is never used."""
-    mel = torch.randn(10, 6)
-    model.transcriber = FakeReader()
-    model.zero_grad(set_to_none=True)
-    try:
-        with_frames = model.prompt_embeddings("", model.encode_media([None], [mel])[0])
-        model.audio_frames = False
-        media = model.encode_media([None], [mel])[0]
-        loss, _ = model.batch_loss([{"conversation": conversation("", "four"), "image": None, "mel": mel}])
-    finally:
-        model.transcriber, model.audio_frames = None, True
-    sp, words = model.tok.special, model.tok.encode("what is two plus two")
-    assert media.audio.shape == (0, 16) and media.transcript == "what is two plus two"
-    prompt = model.prompt_embeddings("", media)[0]
-    expected = [model.tok.bos_id, sp["<user>"], sp["<audio>"], sp["</audio>"]] + words + [sp["<assistant>"]]
-    assert torch.equal(prompt, model._ids(expected))
-    assert with_frames.shape[1] == prompt.shape[0] + 5            # the 5 frames of a 10-step mel
+        model.transcribe = False
+    assert isinstance(heard, str) and len(ids) <= 4           # the Thinker wrote what it heard, then answered
+    assert n == len(model.tok.encode("what is two plus two")) + 1 + len(model.tok.encode("four")) + 1
     loss.backward()
-    assert model.proj_a.net[0].weight.grad is None and loss.isfinite()
+    assert model.proj_a.net[0].weight.grad.abs().sum() > 0   # the words heard are learned through the frames
 
 
-def test_audio_frames_off_needs_the_transcript():
-    from omni.config import UserError
-    from omni.stages.omni_sft import OmniSFTConfig
-    assert OmniSFTConfig(audio_frames=False, audio_transcript=True).audio_frames is False
-    with pytest.raises(UserError, match="config key 'audio_frames'"):
-        OmniSFTConfig(audio_frames=False, audio_transcript=False)
+def test_without_transcribe_the_frames_stay_in_the_answers_prompt(model):
+    mel = torch.randn(10, 6)
+    media = model.encode_media([None], [mel])[0]
+    prompt = model.prompt_embeddings("", media)[0]
+    sp = model.tok.special
+    assert prompt.shape[0] == 2 + 1 + 5 + 1 + 1                   # <s> <user> <audio> 5 </audio> <assistant>
+    assert torch.equal(prompt[3:8], media.audio) and media.heard is None
+    assert len(model.sequences([spoken("hello", "hi", mel)], [media])) == 1
+    assert torch.equal(prompt[-1], model._ids([sp["<assistant>"]])[0])
+
+
+def test_patch_merge_joins_neighbouring_patches_and_drops_the_cls():
+    feats = torch.arange(2 * 17 * 3, dtype=torch.float).reshape(2, 17, 3)    # CLS + a 4 x 4 grid
+    merged = merge_patches(feats, 2)
+    assert merged.shape == (2, 4, 12)
+    grid = feats[:, 1:].reshape(2, 4, 4, 3)
+    top_left = torch.cat([grid[:, 0, 0], grid[:, 0, 1], grid[:, 1, 0], grid[:, 1, 1]], dim=-1)
+    assert torch.equal(merged[:, 0], top_left)
+    assert torch.equal(merged[:, 3, -3:], grid[:, 3, 3])
+    assert torch.equal(merge_patches(feats, 1), feats)
+    with pytest.raises(ValueError, match="patch_merge 3"):
+        merge_patches(feats, 3)
 
 
 def test_answer_counts_per_kind_topic_and_caption_words():
@@ -155,7 +180,6 @@ def test_answer_counts_per_kind_topic_and_caption_words():
     assert merged["caption_word_acc"] == 8 / 9
 
 
-# ----------------------------------------------------------------------------- held-out pairs (omni/colours.py)
 def image_sample(question, answer, kind="image_qa"):
     return {"conversation": conversation(question, answer), "kind": kind, "image": torch.randn(3, 4, 4), "mel": None}
 
@@ -185,89 +209,39 @@ def test_answer_smoothing_spreads_the_first_answer_token_within_its_type(model):
     assert torch.allclose(smoothed, plain + change / n, atol=1e-5)
 
 
-def test_colour_apart_shows_the_vit_silhouettes_and_adds_patch_colours(model):
-    from omni.colours import silhouette
-    seen = []
-
-    class Recording(nn.Module):
-        out_dim = 8
-
-        def forward(self, images):               # 1 + 4 tokens: a 2 x 2 grid of patches
-            seen.append(images)
-            return images.flatten(1)[:, None, :8].repeat(1, 5, 1)
-
-    apart = OmniModel(model.thinker, model.tok, model.proj_a, Projector(8, 16, colour=3), FakeAudio(), Recording())
-    red, blue = (torch.full((3, 4, 4), 0.9), torch.full((3, 4, 4), 0.9))
-    red[:, 2:, 2:], blue[:, 2:, 2:] = torch.tensor([0.7, -0.8, -0.8])[:, None, None], \
-        torch.tensor([-0.7, -0.4, 0.7])[:, None, None]
-    tokens = [apart.encode_media([img], [None])[0].image for img in (red, blue)]
-    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[0], silhouette(red[None]))
-    assert tokens[0].shape == (5, 16)
-    assert torch.equal(tokens[0][0], tokens[1][0])                         # CLS: no colour
-    assert not torch.allclose(tokens[0][4], tokens[1][4])                  # the object's patch (bottom right)
-    assert torch.equal(tokens[0][1], tokens[1][1])                         # a background patch
-    with pytest.raises(ValueError, match="colour projector"):
-        model.proj_v(torch.zeros(1, 8), torch.zeros(1, 3))
-
-
-def test_object_tokens_give_one_image_token_per_object_after_the_cls(model):
-    from omni.colours import DESCRIPTOR
-
-    class Grid(nn.Module):               # CLS + a 2 x 2 grid of patch tokens
-        out_dim = 8
-
-        def forward(self, images):
-            return torch.randn(images.shape[0], 5, 8)
-
-    objects = OmniModel(model.thinker, model.tok, model.proj_a, Projector(8, 16, colour=DESCRIPTOR),
-                        FakeAudio(), Grid(), objects=True)
-    one, two = torch.full((3, 8, 8), 0.9), torch.full((3, 8, 8), 0.9)
-    one[:, 1:4, 1:4] = -0.5                # the top-left pixel is the background
-    two[:, 1:4, 1:4], two[:, 5:, 5:] = -0.5, 0.1
-    media = objects.encode_media([one, None, two], [None, None, None])
-    assert media[0].image.shape == (2, 16) and media[1].image is None and media[2].image.shape == (3, 16)
-    samples = [{"conversation": conversation("how many shapes are there?", "two"), "image": two, "mel": None},
-               {"conversation": conversation("hi", "hello"), "image": None, "mel": None}]
-    loss, _ = objects.batch_loss(samples)
-    loss.backward()
-    assert objects.proj_v.colour[0].weight.grad.abs().sum() > 0
-
-
 def test_vision_cache_runs_the_frozen_vit_once_per_image_with_the_same_tokens(model, monkeypatch):
     from omni import omni_model
-    from omni.colours import DESCRIPTOR
     calls = []
 
     class Counting(nn.Module):           # CLS + a 2 x 2 grid; each image's tokens depend on it alone
-        out_dim = 8
+        out_dim, num_tokens = 8, 5
 
         def forward(self, images):
             calls.append(len(images))
             return images.flatten(1)[:, None, :8].repeat(1, 5, 1) * 2
 
-    proj_v = Projector(8, 16, colour=DESCRIPTOR, outline=64)
-
     def build():
-        return OmniModel(model.thinker, model.tok, model.proj_a, proj_v, FakeAudio(), Counting(), objects=True)
+        return OmniModel(model.thinker, model.tok, model.proj_a, Projector(32, 16), FakeAudio(), Counting(),
+                         patch_merge=2)
     one, two = torch.full((3, 8, 8), 0.9), torch.full((3, 8, 8), 0.9)
-    one[:, 1:4, 1:4] = -0.5
-    two[:, 1:4, 1:4], two[:, 5:, 5:] = -0.5, 0.1
-    repainted = one.clone()
-    repainted[:, 1:4, 1:4] = torch.tensor([0.3, -0.9, 0.2])[:, None, None]   # the same silhouette
+    one[:, 0, :3] = -0.5
+    two[:, 0, :3], two[:, 5:, 5:] = -0.5, 0.1
     plain = build()
-    expected = [m.image for m in plain.encode_media([one, two, repainted], [None] * 3)]
+    expected = [m.image for m in plain.encode_media([one, two, one.clone()], [None] * 3)]
+    assert expected[0].shape == (1, 16)                       # 4 patches merged into one token, no CLS
     cached = build()
+    cached.proj_v = plain.proj_v
     cached.vision_cache = {}
     calls.clear()
-    first = [m.image for m in cached.encode_media([one, two, repainted], [None] * 3)]
-    assert calls == [1, 1]                    # each new silhouette alone; the repainted one is a hit
+    first = [m.image for m in cached.encode_media([one, two, one.clone()], [None] * 3)]
+    assert calls == [1, 1]                    # each new image alone; the same pixels again are a hit
     again = [m.image for m in cached.encode_media([two, one], [None] * 2)]
     assert calls == [1, 1] and len(cached.vision_cache) == 2
     for got, want in zip(first + again, expected + [expected[1], expected[0]]):
         assert torch.allclose(got, want, atol=1e-6)
-    assert not torch.allclose(first[0], first[2])          # the colour still comes from the pixels
     monkeypatch.setattr(omni_model, "VISION_CACHE_BYTES", 0)   # full: computed each time, still right
     full = build()
+    full.proj_v = plain.proj_v
     full.vision_cache = {}
     assert torch.allclose(full.encode_media([one], [None])[0].image, expected[0], atol=1e-6)
     assert full.vision_cache == {}
@@ -282,9 +256,15 @@ def test_vision_cache_needs_a_frozen_vision_encoder():
             OmniSFTConfig(vision_cache=True, **frozen)
 
 
-def test_object_tokens_need_colour_apart():
+@pytest.mark.parametrize("key, value", [("colour_apart", True), ("object_tokens", True), ("audio_frames", False)])
+def test_a_model_of_a_removed_demo_world_option_is_refused_in_one_line(key, value, tmp_path):
+    """Stage E once had options that worked only on the demo world's pictures (or answered speech from
+    Stage B's transcript); a checkpoint trained with them is refused before anything is built."""
     from omni.config import UserError
-    from omni.stages.omni_sft import OmniSFTConfig
-    assert OmniSFTConfig(object_tokens=True, colour_apart=True).object_tokens is True
-    with pytest.raises(UserError, match="config key 'object_tokens'"):
-        OmniSFTConfig(object_tokens=True, colour_apart=False)
+    from omni.loading import build_omni
+    none = str(tmp_path / "none")
+    with pytest.raises(UserError, match=f"old: config key '{key}': {value} was a demo-world option") as e:
+        build_omni({key: value, "transcribe": True}, none, none, none, "cpu", source="old")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="none"):         # the option's other value is fine: on to the files
+        build_omni({key: not value}, none, none, none, "cpu")

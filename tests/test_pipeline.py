@@ -31,8 +31,6 @@ def trained(demo_tiny, tmp_path_factory):
     """The whole pipeline run once on the tiny world: (root, configs, pipeline path, process)."""
     root = tmp_path_factory.mktemp("pipeline")
     configs = stage_configs(demo_tiny, root)
-    configs["E"]["audio_frames"] = False      # spoken questions by transcript: through export and infer
-    configs["E"]["object_tokens"] = True      # one image token per object: the same
     path = write_pipeline(root, configs, LETTERS, background="D")    # as the demo pipeline runs D beside E
     proc = run_pipeline(path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -210,7 +208,17 @@ def test_export_inspect_infer_round_trip(trained, demo_tiny, tmp_path):
     from omni.loading import load_omni
     for folder in (omni_dir, out):        # the options travel with the checkpoint and the export
         model = load_omni(folder, "cpu")[0]
-        assert model.audio_frames is False and model.objects is True
+        assert model.transcribe is True and model.patch_merge == 2
+
+
+@pytest.mark.slow
+def test_the_repaint_bench_scores_the_same_questions_on_both_versions_of_the_pictures(trained, demo_tiny):
+    _, configs, _, _ = trained
+    proc = run_script("bench/bench_repaint.py", "--ckpt", configs["E"]["save_dir"],
+                      "--manifest", f"{demo_tiny}/sft_test.jsonl", "--limit", "6", check=True)
+    rows = {line.split()[0]: re.findall(r"([0-9.]+)%", line) for line in proc.stdout.splitlines()[2:]}
+    assert "image_acc" in rows and all(len(values) == 2 for values in rows.values()), proc.stdout
+    assert proc.stdout.startswith("6 image questions of ")
 
 
 @pytest.mark.slow

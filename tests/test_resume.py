@@ -40,8 +40,8 @@ def audio_stage_config(demo_tiny):   # dropout and SpecAugment on: RNG and augme
 
 
 @pytest.fixture
-def vision_stage_config(demo_tiny):  # dropout, shift and recolouring augmentation on
-    return lambda save_dir, **kw: vision_config(demo_tiny, save_dir, **{"recolour_share": 0.5, **kw})
+def vision_stage_config(demo_tiny):  # dropout and shift augmentation on
+    return lambda save_dir, **kw: vision_config(demo_tiny, save_dir, **kw)
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def vocoder_stage_config(demo_tiny):  # random crops from the per-sample generat
 
 
 @pytest.fixture
-def omni_stage_config(trained_stages):  # dropout, answer smoothing, colour_apart; greedy QA answers in validation
+def omni_stage_config(trained_stages):  # dropout, answer smoothing, transcribe; greedy QA answers in validation
     def make(save_dir, **kw):
         return {**trained_stages["E"], "save_dir": str(save_dir), "max_steps": 12, "checkpoint_freq": 3,
                 "keep_last_n": 10, **kw}

@@ -190,6 +190,23 @@ def test_talk_without_speech_and_bad_input_before_any_event(chat, tmp_path):
         chat.talk("what colour?", image_path=str(tmp_path / "gone.png"))       # raised by the call itself
 
 
+def test_a_spoken_question_is_heard_first_then_answered_from_the_words(chat, demo_tiny):
+    """transcribe (the tiny configs' Stage E): the first event is what the model heard, the words it
+    answers from; the answer is the one the model gives to those words."""
+    import json
+    record = next(json.loads(line) for line in open(f"{demo_tiny}/sft_val.jsonl") if '"audio"' in line)
+    events = list(chat.talk("", audio_path=os.path.join(demo_tiny, record["audio"]), speak=False))
+    assert events[0]["type"] == "heard" and [e["type"] for e in events[1:]].count("heard") == 0
+    heard = events[0]["text"]
+    assert heard == chat.heard and isinstance(heard, str)
+    media = chat.model.encode_media([None], [None])[0]
+    media.audio, media.heard = torch.zeros(1, 1), heard         # the words alone: frames never reach the answer
+    ids = chat.model.answer("", max_new_tokens=chat.max_new_tokens, media=media)
+    assert events[-1]["text"] == chat.tokenizer.decode(list(ids))
+    list(chat.talk("what is two plus three?", speak=False))
+    assert chat.heard is None                               # a typed question is not listened to
+
+
 def test_infer_writes_the_streamed_speech_into_a_playable_wav(stages, question, tmp_path):  # noqa: F811
     out = str(tmp_path / "answer.wav")
     proc = run_script("infer.py", "--ckpt_dir", stages["E"]["save_dir"], "--talker_dir", stages["D"]["save_dir"],

@@ -16,7 +16,6 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
 
 from omni.data.manifest import ManifestDataset, SampleError, media_file
-from omni.data.recolour import drop_words, recolour
 
 
 RESIZE_MODES = ("squash", "center_crop", "pad")
@@ -89,10 +88,9 @@ class ImageCaptionDataset(ManifestDataset):
     """{"image": [3, S, S], "caption": str} per record of an image-caption manifest."""
 
     def __init__(self, records, image_size: int = 64, max_shift: int = 0, resize: str = "squash",
-                 recolour_share: float = 0.0, max_pixels: int = MAX_IMAGE_PIXELS, **kw):
+                 max_pixels: int = MAX_IMAGE_PIXELS, **kw):
         super().__init__(records, **kw)
         self.image_size, self.max_shift, self.resize, self.max_pixels = image_size, max_shift, resize, max_pixels
-        self.recolour_share = recolour_share    # demo world only (omni/data/recolour.py)
 
     def load(self, record, generator):
         caption = str(record["caption"]).strip()
@@ -100,8 +98,5 @@ class ImageCaptionDataset(ManifestDataset):
             raise SampleError("empty caption")
         img = read_image(record["image"], self.image_size, self.resize, self.max_pixels)
         if generator is not None:
-            if self.recolour_share:
-                img, repainted = recolour(img, generator, self.recolour_share)
-                caption = drop_words(caption, repainted)
             img = shift_image(img, generator, self.max_shift)
         return {"image": img, "caption": caption}

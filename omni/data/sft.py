@@ -5,7 +5,6 @@ from omni.data.audio import read_audio
 from omni.features import LogMel, MelSpec
 from omni.data.image import MAX_IMAGE_PIXELS, read_image
 from omni.data.manifest import ManifestDataset, SampleError, read_manifest
-from omni.data.recolour import drop_repainted, recolour
 
 ROLES = ("user", "assistant")
 
@@ -22,9 +21,11 @@ def longest_audio(arch, spec: MelSpec) -> float:
     return (arch.max_positions * arch.downsample - 1) * spec.hop / spec.sample_rate
 
 
-def check_conversation(conversation) -> list[dict]:
+def check_conversation(conversation, listening: bool = False) -> list[dict]:
     """The turns, validated: a non-empty list of {"role": user|assistant, "content": str} ending
-    with an assistant answer."""
+    with an assistant answer; with `listening` (a spoken record with its transcript) it may be empty."""
+    if listening and conversation == []:
+        return conversation
     if not isinstance(conversation, list) or not conversation:
         raise SampleError("conversation must be a non-empty list of turns")
     for turn in conversation:
@@ -36,37 +37,33 @@ def check_conversation(conversation) -> list[dict]:
 
 
 class SFTDataset(ManifestDataset):
-    """{"conversation", "kind", "topic" (or None), "image": [3,S,S] or None, "mel": [T, n_mels] or None}."""
+    """{"conversation", "kind", "topic" (or None), "transcript" (or None), "image": [3,S,S] or None,
+    "mel": [T, n_mels] or None}. A record with audio and a transcript may have no turns: with
+    `transcribe` (Stage E's chain of modality) it trains listening only; without, it is a bad sample."""
 
     def __init__(self, records, image_size: int = 64, spec: MelSpec = MelSpec(), resize: str = "squash",
-                 recolour_share: float = 0.0, max_pixels: int = MAX_IMAGE_PIXELS, max_audio_seconds: float = 0.0,
-                 **kw):
+                 max_pixels: int = MAX_IMAGE_PIXELS, max_audio_seconds: float = 0.0,
+                 transcribe: bool = False, **kw):
         """Larger images than max_pixels and longer clips than max_audio_seconds (> 0; see
         `longest_audio`) are bad samples, found from the files' headers."""
         super().__init__(records, **kw)
         self.image_size, self.spec, self.resize = image_size, spec, resize
         self.max_pixels, self.max_audio_seconds = max_pixels, max_audio_seconds
-        self.recolour_share = recolour_share    # demo world only (omni/data/recolour.py); needs augment
+        self.transcribe = transcribe    # spoken records need a transcript
         self.logmel = LogMel(spec)
 
     def load(self, record, generator):
-        sample = {"conversation": check_conversation(record["conversation"]),
-                  "kind": record.get("kind", "text"), "topic": record.get("topic"), "image": None, "mel": None}
+        transcript = record.get("transcript")
+        if transcript is not None and (not isinstance(transcript, str) or not transcript.strip()):
+            raise SampleError("transcript must be non-empty text")
+        if self.transcribe and "audio" in record and transcript is None:
+            raise SampleError("a spoken record without a transcript (transcribe: the Thinker learns to write it)")
+        listening = self.transcribe and "audio" in record
+        sample = {"conversation": check_conversation(record["conversation"], listening),
+                  "kind": record.get("kind", "text"), "topic": record.get("topic"), "transcript": transcript,
+                  "image": None, "mel": None}
         if "image" in record:
             sample["image"] = read_image(record["image"], self.image_size, self.resize, self.max_pixels)
-            if generator is not None and self.recolour_share:
-                self.recolour(sample, generator)
         if "audio" in record:
             sample["mel"] = self.logmel(read_audio(record["audio"], self.spec.sample_rate, self.max_audio_seconds))
         return sample
-
-    def recolour(self, sample: dict, generator) -> None:
-        """Repaint objects off-palette and keep the turns still true (omni/data/recolour.py); a sample left
-        with no turn, or whose turns do not alternate user/assistant, keeps its image."""
-        turns = sample["conversation"]
-        if [t["role"] for t in turns] != list(ROLES) * (len(turns) // 2):
-            return
-        image, removed = recolour(sample["image"], generator, self.recolour_share)
-        kept = drop_repainted(turns, removed) if removed else turns
-        if kept:
-            sample["image"], sample["conversation"] = image, kept

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from omni.colours import MAX_OBJECTS
 from omni.config import TrainConfig, UserError, choice, fraction, inherit, inherited, positive
 from omni.data.audio import audio_frames
 from omni.data.image import MAX_IMAGE_PIXELS, RESIZE_MODES
@@ -16,8 +15,8 @@ from omni.data.manifest import SampleError, read_manifest
 from omni.metrics import error_counts
 from omni.data.sft import SFTDataset, check_conversation, longest_audio, read_sft_manifest
 from omni.features import MelSpec
-from omni.loading import load_omni_parts
-from omni.omni_model import AnswerSmoothing, Media, OmniModel, Projector, vision_projector
+from omni.loading import build_omni
+from omni.omni_model import AnswerSmoothing, Media, OmniModel, merge_patches
 from omni.logs import log
 from omni.registry import STAGES
 from omni.train.stage import Stage
@@ -25,6 +24,7 @@ from omni.train.stage import Stage
 ASR_PROMPT = "what did you hear?"          # auxiliary task: write down the speech
 CAPTION_PROMPT = "describe the picture"    # auxiliary task: caption the image
 SCORED = {"image_qa": "image", "speech_qa": "speech", "text": "text", "caption": "caption"}   # kind -> metric name
+HEARD = "heard_word_acc"    # with transcribe: words of the spoken questions' transcripts the Thinker heard right
 
 
 @dataclass
@@ -42,32 +42,24 @@ class OmniSFTConfig(TrainConfig):
     vision_cache: bool = False      # the frozen ViT sees each image once (OmniModel.vision_cache): for
                                     # small image sets seen every epoch, like the demo world's
     freeze_thinker: bool = False
-    audio_transcript: bool = False  # also write Stage B's CTC transcript of the audio into the prompt
-    audio_frames: bool = True       # false: a spoken question reaches the Thinker as that transcript alone
+    # spoken questions (chain of modality): the Thinker first writes what it heard (the records'
+    # "transcript"), then answers from those words; false: it answers with the frames in view
+    transcribe: bool = False
+    patch_merge: int = positive(1)  # image tokens: merge x merge neighbouring ViT patches each (CLS dropped)
     image_size: int = inherited()   # 0: the vision encoder's (vision_dir); saved filled in
     n_mels: int = inherited()       # 0: the audio encoder's (audio_enc_dir); saved filled in
     image_resize: str = choice(*RESIZE_MODES)   # as the vision stage was trained (omni/data/image.py)
     # larger images (width x height, from the header) are bad samples, never decoded (omni/data/image.py)
     max_image_pixels: int = positive(MAX_IMAGE_PIXELS)
-    # Demo-world options for colour-shape pairs held out from training (omni/colours.py, data/recolour.py):
-    colour_apart: bool = False      # the ViT sees silhouettes; patch colours are added after the projector
-    object_tokens: bool = False     # with colour_apart: one image token per object, not per patch
-    recolour_share: float = fraction()    # training objects repainted off-palette, turns on their colour dropped
     answer_smoothing: float = fraction()  # image answers: first token smoothed within its answer type
     qa_eval_limit: int = 0          # answers generated per split for accuracy; 0 = all
     max_answer_tokens: int = 16
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.audio_frames and not self.audio_transcript:
-            raise UserError("config key 'audio_frames': false needs audio_transcript true "
-                            "(a spoken question would reach the Thinker empty)")
         if self.vision_cache and (self.train_vision or not self.freeze_encoders):
             raise UserError("config key 'vision_cache': true needs a frozen vision encoder "
                             "(freeze_encoders true, train_vision false)")
-        if self.object_tokens and not self.colour_apart:
-            raise UserError("config key 'object_tokens': true needs colour_apart true "
-                            "(objects are found as the flat-colour regions of a silhouette)")
 
 
 def figure_names(kind: str, topic: str | None) -> list[str]:
@@ -83,22 +75,26 @@ class AnswerCounts:
     """Right and asked per figure. The names come from the records, which every rank reads alike,
     so all ranks sum the same list (a rank that saw no question of a topic adds zeros)."""
 
-    def __init__(self, records: list[dict]):
+    def __init__(self, records: list[dict], heard: bool = False):
         names = {n for r in records if r.get("kind", "text") in SCORED
                  for n in figure_names(r.get("kind", "text"), r.get("topic"))}
-        self.names = sorted(names)
+        self.names = sorted(names | ({HEARD} if heard else set()))
         self.right, self.asked = dict.fromkeys(self.names, 0.0), dict.fromkeys(self.names, 0.0)
 
     def add(self, kind: str, topic: str | None, expected: str, got: str) -> None:
         expected, got = expected.strip(), got.strip()
         for name in figure_names(kind, topic):
             if kind == "caption":
-                edits, words = error_counts(expected, got, "word")
-                self.right[name] += max(words - edits, 0)
-                self.asked[name] += words
+                self.add_words(name, expected, got)
             else:
                 self.right[name] += float(got == expected)
                 self.asked[name] += 1
+
+    def add_words(self, name: str, expected: str, got: str) -> None:
+        """Words of `expected` that `got` has right: 1 - word error rate, summed over the calls."""
+        edits, words = error_counts(expected.strip(), got.strip(), "word")
+        self.right[name] += max(words - edits, 0)
+        self.asked[name] += words
 
     def results(self, sum_over_ranks=lambda xs: xs) -> dict:
         n = len(self.names)
@@ -113,41 +109,50 @@ def auxiliary_records(path: str, media: str, text: str, prompt: str, kind: str) 
             for r in read_manifest(path, [media, text])]
 
 
+def listening_records(path: str) -> list[dict]:
+    """(audio, text) manifest rows as listening-only samples: with transcribe, the Thinker learns to
+    write what it hears from them (OmniModel.listening_sequence), with no question to answer."""
+    return [{"_source": r["_source"], "audio": r["audio"], "transcript": r["text"], "kind": "asr", "conversation": []}
+            for r in read_manifest(path, ["audio", "text"])]
+
+
 @torch.no_grad()
 def check_sequence_lengths(model: OmniModel, records: list[dict], spec: MelSpec, thinker_dir: str) -> None:
     """UserError naming the manifest line of the first conversation whose sequence would exceed the
     Thinker's max_seq_len (found at start-up: in training it would stop the run mid-way).
 
-    The length is the one `OmniModel.training_sequence` builds, with the media's positions known
-    before any encoder runs: the image's tokens (with object tokens, the most there can be), the
-    audio's frames from the file's header (when frames reach the Thinker). Stage B's transcript,
-    known only once the audio encoder has run, is not counted. Records that will be bad samples
-    (an unreadable or over-long clip, a malformed conversation) are left to the loader, which
-    skips and counts them."""
+    The lengths are the ones `OmniModel.sequences` builds, with the media's positions known before
+    any encoder runs: the image's tokens, the audio's frames from the file's header, and with
+    `transcribe` the listening step (frames and transcript) beside the answer (transcript, no
+    frames). Records that will be bad samples (an unreadable or over-long clip, a malformed
+    conversation) are left to the loader, which skips and counts them."""
     limit, d = model.thinker.arch.max_seq_len, model.thinker.arch.d_model
-    image_tokens = 1 + MAX_OBJECTS if model.objects else model.vision_encoder.num_tokens
+    vision = model.vision_encoder
+    image_tokens = merge_patches(torch.zeros(1, vision.num_tokens, 1), model.patch_merge).shape[1]
     encoder = model.audio_encoder.arch
     for record in records:
         try:
-            conversation = check_conversation(record["conversation"])
+            conversation = check_conversation(record["conversation"], model.transcribe and "audio" in record)
         except SampleError:
             continue
-        media, sizes = Media(), {"image": 0, "audio": 0}
+        if model.transcribe and "audio" in record and not isinstance(record.get("transcript"), str):
+            continue
+        media = Media()
         if "image" in record:
-            sizes["image"] = image_tokens + 2       # with <img> </img>
             media.image = torch.zeros(image_tokens, d, device=model.device)
         if "audio" in record:
             frames = math.ceil(audio_frames(record["audio"], spec) / encoder.downsample)
             if not 0 < frames <= encoder.max_positions:
                 continue
-            frames = frames if model.audio_frames else 0
-            sizes["audio"] = frames + 2             # with <audio> </audio>
             media.audio = torch.zeros(frames, d, device=model.device)
-        length = model.training_sequence(conversation, media)[0].shape[0]
-        if length > limit:
-            raise UserError(f"{record['_source']}: a conversation of {length} positions (image {sizes['image']}, "
-                            f"audio {sizes['audio']}, text {length - sizes['image'] - sizes['audio']}) exceeds "
-                            f"the Thinker's max_seq_len {limit} ({thinker_dir}): shorten it or leave it out")
+            media.heard = record.get("transcript", "")
+        sample = {"conversation": conversation, "transcript": media.heard}
+        for embeds, _, _ in model.sequences([sample], [media]):
+            if embeds.shape[0] > limit:
+                raise UserError(f"{record['_source']}: a sequence of {embeds.shape[0]} positions (image "
+                                f"{image_tokens if media.image is not None else 0} tokens, audio "
+                                f"{0 if media.audio is None else media.audio.shape[0]} frames) exceeds the "
+                                f"Thinker's max_seq_len {limit} ({thinker_dir}): shorten it or leave it out")
 
 
 class OmniSFTStage(Stage):
@@ -163,16 +168,12 @@ class OmniSFTStage(Stage):
         if self.evaluation_only:
             manifests = {k: v for k, v in manifests.items() if k in ("val_manifest", "test_manifest")}
         require_files(cfg, manifests, rt)
-        parts = load_omni_parts(cfg.thinker_dir, cfg.audio_enc_dir, cfg.vision_dir, rt.device)
-        thinker, tokenizer, audio_enc, vision, reader = parts
+        self.model = build_omni(vars(cfg), cfg.thinker_dir, cfg.audio_enc_dir, cfg.vision_dir, rt.device)
+        thinker, tokenizer = self.model.thinker, self.model.tok
+        audio_enc, vision = self.model.audio_encoder, self.model.vision_encoder
         # The media must reach the encoders as they were trained: the config takes their sizes.
         inherit(cfg, "image_size", vision.image_size, cfg.vision_dir)
         inherit(cfg, "n_mels", audio_enc.arch.n_mels, cfg.audio_enc_dir)
-        d = thinker.arch.d_model
-        self.model = OmniModel(thinker, tokenizer, Projector(audio_enc.out_dim, d),
-                               vision_projector(vision.out_dim, d, cfg.colour_apart, cfg.object_tokens),
-                               audio_enc, vision, reader.requires_grad_(False) if cfg.audio_transcript else None,
-                               audio_frames=cfg.audio_frames, objects=cfg.object_tokens)
         self.modules = {"thinker": thinker, "proj_a": self.model.proj_a, "proj_v": self.model.proj_v}
         self.trained_encoders = tuple(name for name in ("audio_enc", "vision")
                                       if not cfg.freeze_encoders or (name == "vision" and cfg.train_vision))
@@ -185,22 +186,22 @@ class OmniSFTStage(Stage):
         if cfg.vision_cache:
             self.model.vision_cache = {}        # each image through the frozen ViT once (OmniModel)
         thinker.requires_grad_(not cfg.freeze_thinker)
-        self.model.proj_a.requires_grad_(cfg.audio_frames)     # without frames it is never used
 
         # a clip longer than the audio encoder takes is a bad sample, like an unreadable one
         spec = MelSpec(n_mels=cfg.n_mels)
         kw = {"image_size": cfg.image_size, "spec": spec, "resize": cfg.image_resize, "strict": cfg.strict_data,
               "seed": cfg.seed, "max_pixels": cfg.max_image_pixels,
-              "max_audio_seconds": longest_audio(audio_enc.arch, spec)}
+              "max_audio_seconds": longest_audio(audio_enc.arch, spec), "transcribe": cfg.transcribe}
         records = []
         if not self.evaluation_only:
             records = read_sft_manifest(cfg.train_manifest)
-            if cfg.asr_manifest:
+            if cfg.asr_manifest and cfg.transcribe:
+                records += listening_records(cfg.asr_manifest)
+            elif cfg.asr_manifest:
                 records += auxiliary_records(cfg.asr_manifest, "audio", "text", ASR_PROMPT, "asr")
             if cfg.caption_manifest:
                 records += auxiliary_records(cfg.caption_manifest, "image", "caption", CAPTION_PROMPT, "caption")
-            share = cfg.recolour_share
-            self.train_data = SFTDataset(records, **kw, recolour_share=share, augment=share > 0)
+            self.train_data = SFTDataset(records, **kw)
         self.smoothing = AnswerSmoothing(records, tokenizer, cfg.answer_smoothing) if cfg.answer_smoothing else None
         self.val_data = SFTDataset(read_sft_manifest(cfg.val_manifest), **kw)
         self.test_data = SFTDataset(read_sft_manifest(cfg.test_manifest), **kw) if cfg.test_manifest else None
@@ -228,11 +229,13 @@ class OmniSFTStage(Stage):
 
     def answer_accuracy(self, dataset) -> dict:
         """Exact-match accuracy of greedy answers per kind of question ("image_acc", ...) and per
-        topic where records name one ("image_colour", ...); word accuracy of captions."""
+        topic where records name one ("image_colour", ...); word accuracy of captions, and with
+        `transcribe` of what the Thinker heard in the spoken questions (HEARD)."""
         indices = list(range(len(dataset)))
         if self.cfg.qa_eval_limit:
             indices = indices[:self.cfg.qa_eval_limit]
-        counts = AnswerCounts([dataset.records[i] for i in indices])
+        records = [dataset.records[i] for i in indices]
+        counts = AnswerCounts(records, heard=self.model.transcribe and any("transcript" in r for r in records))
         for i in indices[self.rt.rank::self.rt.world_size]:
             sample = dataset[(i, 0)]
             if sample is None or sample["kind"] not in SCORED or len(sample["conversation"]) != 2:
@@ -240,6 +243,9 @@ class OmniSFTStage(Stage):
             question, expected = (t["content"] for t in sample["conversation"])
             limit = self.cfg.max_answer_tokens * (3 if sample["kind"] == "caption" else 1)
             with self.rt.autocast():
-                ids = list(self.model.answer(question, sample["image"], sample["mel"], limit))
+                media = self.model.encode_media([sample["image"]], [sample["mel"]])[0]
+                ids = list(self.model.answer(question, max_new_tokens=limit, media=media))
             counts.add(sample["kind"], sample["topic"], expected, self.model.tok.decode(ids))
+            if media.heard is not None and sample.get("transcript"):
+                counts.add_words(HEARD, sample["transcript"], media.heard)
         return counts.results(self.rt.sum)

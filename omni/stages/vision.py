@@ -7,7 +7,7 @@ import torch
 
 from omni.config import TrainConfig
 from omni.data.common import require_files
-from omni.config import choice, fraction, positive
+from omni.config import choice, positive
 from omni.data.image import MAX_IMAGE_PIXELS, RESIZE_MODES, ImageCaptionDataset
 from omni.data.manifest import read_manifest
 from omni.metrics import fit_linear_probe, parse_probe_groups, retrieval_hits, single_option, swap_probes
@@ -25,7 +25,6 @@ class VisionConfig(TrainConfig, VisionArch):
     image_column: str = "image"        # manifest column names
     caption_column: str = "caption"
     max_shift: int = 4                 # training shift augmentation in pixels (no flips)
-    recolour_share: float = fraction()  # demo world: share of objects repainted off-palette (omni/data/recolour.py)
     image_resize: str = choice(*RESIZE_MODES)   # how any image becomes image_size square (omni/data/image.py)
     # larger images (width x height, from the header) are bad samples, never decoded (omni/data/image.py)
     max_image_pixels: int = positive(MAX_IMAGE_PIXELS)
@@ -66,12 +65,12 @@ class VisionStage(Stage):
         return read_manifest(path, ["image", "caption"], columns)
 
     def dataset(self, records, train: bool = False) -> ImageCaptionDataset:
-        """Training data is augmented (shift, recolouring), evaluation data never."""
+        """Training data is augmented (shifted), evaluation data never."""
         cfg = self.cfg
-        shift, share = (cfg.max_shift, cfg.recolour_share) if train else (0, 0.0)
+        shift = cfg.max_shift if train else 0
         return ImageCaptionDataset(records, image_size=cfg.image_size, max_shift=shift, resize=cfg.image_resize,
-                                   recolour_share=share, max_pixels=cfg.max_image_pixels, seed=cfg.seed,
-                                   strict=cfg.strict_data, augment=shift > 0 or share > 0)
+                                   max_pixels=cfg.max_image_pixels, seed=cfg.seed, strict=cfg.strict_data,
+                                   augment=shift > 0)
 
     def collate(self, samples):
         captions = [s["caption"] for s in samples]
