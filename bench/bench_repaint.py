@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 from omni.cli import run_cli  # noqa: E402
 from omni.config import UserError  # noqa: E402
-from omni.data.manifest import read_manifest  # noqa: E402
+from omni.data.sft import read_sft_manifest  # noqa: E402
 
 
 def repaint_corner(src: str, dst: str) -> None:
@@ -55,8 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--manifest", default="data/demo/sft_test.jsonl", help="SFT records with image questions")
     p.add_argument("--limit", type=int, default=80, help="image questions to ask (the manifest's first)")
     args = p.parse_args(argv)
-    records = [r for r in read_manifest(args.manifest, ["conversation"], optional=("image", "kind", "topic"))
-               if "image" in r][:args.limit]
+    records = [r for r in read_sft_manifest(args.manifest) if "image" in r][:args.limit]
     if not records:
         raise UserError(f"{args.manifest}: no records with an image")
     with tempfile.TemporaryDirectory() as tmp:
