@@ -158,7 +158,7 @@ class _Builder:
         """A line of the Thinker's corpus: a fact, a question on one, or a chat exchange. No scene lines:
         with captions and questions on scenes (55 % of the corpus until generator version 4) Stage A
         learnt from text which colour-shape pairs exist, and Stage E began from a Thinker sure that the
-        held-out ones never do (docs/stage_e_sft.md, "Stage A without scene text")."""
+        held-out ones never do (docs/experiments/2026-12-06_stage_e_demo_world_options.md, "Stage A without scene text")."""
         kind = rng.choices(("statement", "fact_qa", "chat"), weights=(20, 15, 10))[0]
         if kind == "chat":
             return " ".join(rng.choice(world.CHAT))

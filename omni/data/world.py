@@ -220,7 +220,7 @@ def attribute_questions(scene: Scene, rng: random.Random, heldout: list) -> list
     """Yes/no questions that check attributes one at a time, as image_questions' tuples (training
     only, so the test keeps its kinds). "is there a purple diamond?" about a held-out pair can only be
     answered by checking colour and shape of each object; with every training yes/no naming a seen
-    pair, the model learnt the phrases instead (docs/stage_e_sft.md, "Questions that check one
+    pair, the model learnt the phrases instead (docs/experiments/2026-12-06_stage_e_demo_world_options.md, "Questions that check one
     attribute"). No question names a held-out pair."""
     banned = set(heldout)
     shapes = {o.shape for o in scene.objects}
