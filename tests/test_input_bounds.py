@@ -175,7 +175,10 @@ def test_the_chat_reports_too_long_audio_and_prompts_and_goes_on(chat, tmp_path,
 # ----------------------------------------------------------------------------- Stage E start-up (items 7, 10)
 def sft_stage(omni, tmp_path, monkeypatch, records, **overrides):
     from omni.stages import omni_sft
-    monkeypatch.setattr(omni_sft, "build_omni", lambda *args, **kw: omni)
+    def build(config, *dirs, **kw):       # the shared tiny model, with the options the config asks for
+        omni.patch_merge, omni.transcribe = config["patch_merge"], config["transcribe"]
+        return omni
+    monkeypatch.setattr(omni_sft, "build_omni", build)
     manifest = tmp_path / "sft_train.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = build_config(omni_sft.OmniSFTConfig, {
@@ -202,6 +205,16 @@ def test_stage_e_refuses_at_start_up_a_conversation_longer_than_max_seq_len(omni
     assert str(e.value).endswith(f"exceeds the Thinker's max_seq_len {MAX_SEQ_LEN} (checkpoints/thinker_tiny): "
                                  "shorten it or leave it out")
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_stage_e_refuses_a_patch_merge_that_does_not_tile_the_vits_grid(omni, tmp_path, monkeypatch):
+    records = [{"conversation": turns("hi", "hello")}]
+    try:
+        with pytest.raises(UserError, match="config key 'patch_merge': patch_merge 3: the vision encoder's 4 "):
+            sft_stage(omni, tmp_path, monkeypatch, records, patch_merge=3)
+        assert sft_stage(omni, tmp_path, monkeypatch, records, patch_merge=2).model.patch_merge == 2
+    finally:
+        omni.patch_merge = 1        # the fixture's model is shared: as the other tests expect it
 
 
 def test_stage_e_counts_audio_frames_and_skips_images_over_max_image_pixels(omni, tmp_path, monkeypatch):

@@ -128,7 +128,10 @@ def check_sequence_lengths(model: OmniModel, records: list[dict], spec: MelSpec,
     conversation) are left to the loader, which skips and counts them."""
     limit, d = model.thinker.arch.max_seq_len, model.thinker.arch.d_model
     vision = model.vision_encoder
-    image_tokens = merge_patches(torch.zeros(1, vision.num_tokens, 1), model.patch_merge).shape[1]
+    try:
+        image_tokens = merge_patches(torch.zeros(1, vision.num_tokens, 1), model.patch_merge).shape[1]
+    except ValueError as e:         # a merge that does not tile the vision encoder's grid
+        raise UserError(f"config key 'patch_merge': {e}") from None
     encoder = model.audio_encoder.arch
     for record in records:
         try:
