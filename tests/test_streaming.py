@@ -156,12 +156,15 @@ def test_a_streamed_phrase_is_the_whole_phrase_spoken(codec):
 # ----------------------------------------------------------------------------- Chat.talk and infer.py
 @pytest.fixture(scope="module")
 def chat(stages):  # noqa: F811
-    return Chat(stages["E"]["save_dir"], torch.device("cpu"), talker_dir=stages["D"]["save_dir"], max_new_tokens=12)
+    """Sampling (seeded per answer, so each answer repeats): the 8-step tiny model often answers
+    nothing greedily."""
+    return Chat(stages["E"]["save_dir"], torch.device("cpu"), talker_dir=stages["D"]["save_dir"], max_new_tokens=12,
+                temperature=1.0)
 
 
 @pytest.fixture(scope="module")
 def question(chat) -> str:
-    """A typed question the tiny model answers with something to say (it often answers nothing)."""
+    """A typed question the tiny model answers with something to say."""
     questions = ["describe the picture", "what is two plus three?", "what colour is a lemon?", "are you a robot?"]
     return next(q for q in questions if any(c.isalnum() for c in "".join(chat.answer(q))))
 
@@ -201,7 +204,8 @@ def test_a_spoken_question_is_heard_first_then_answered_from_the_words(chat, dem
     assert heard == chat.heard and isinstance(heard, str)
     media = chat.model.encode_media([None], [None])[0]
     media.audio, media.heard = torch.zeros(1, 1), heard         # the words alone: frames never reach the answer
-    ids = chat.model.answer("", max_new_tokens=chat.max_new_tokens, media=media)
+    ids = chat.model.answer("", max_new_tokens=chat.max_new_tokens, temperature=chat.temperature, media=media,
+                            generator=torch.Generator().manual_seed(chat.seed))
     assert events[-1]["text"] == chat.tokenizer.decode(list(ids))
     list(chat.talk("what is two plus three?", speak=False))
     assert chat.heard is None                               # a typed question is not listened to
@@ -210,7 +214,7 @@ def test_a_spoken_question_is_heard_first_then_answered_from_the_words(chat, dem
 def test_infer_writes_the_streamed_speech_into_a_playable_wav(stages, question, tmp_path):  # noqa: F811
     out = str(tmp_path / "answer.wav")
     proc = run_script("infer.py", "--ckpt_dir", stages["E"]["save_dir"], "--talker_dir", stages["D"]["save_dir"],
-                      "--vocoder_dir", "", "--text", question, "--max_new_tokens", "12",
+                      "--vocoder_dir", "", "--text", question, "--max_new_tokens", "12", "--temperature", "1",
                       "--audio_out", out, check=True)
     answer, note = proc.stdout.splitlines()[:2]
     data, rate = sf.read(out, dtype="float32")
