@@ -1,5 +1,5 @@
 # μOmni: `make demo` trains on the built-in demo world and answers; `make test` runs the tests;
-# `make lint` checks the code with ruff (ruff.toml).
+# `make lint` checks the code with ruff (rules in pyproject.toml).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,15 +8,17 @@ PY := $(VENV)/bin/python
 
 install: $(VENV)/.installed
 
-# The demo needs only the runtime requirements; tests, lint and the exports need the rest too.
-$(VENV)/.runtime: requirements.txt
+# The package (pyproject.toml) is installed editable, so `import omni` works from any folder.
+# The demo needs only its runtime dependencies; tests, lint and the exports need the dev extra too
+# (every optional extra plus the dev tools).
+$(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.runtime requirements-extra.txt requirements-dev.txt
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-extra.txt -r requirements-dev.txt
+$(VENV)/.installed: $(VENV)/.runtime pyproject.toml
+	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
 demo: $(VENV)/.runtime

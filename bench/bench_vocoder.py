@@ -93,7 +93,8 @@ def main(argv=None) -> None:
         pesq, stoi = (f"{scores['pesq']:.3f}", f"{scores['stoi']:.3f}") if scores else ("n/a", "n/a")
         print(f"| {name} | {pesq} | {stoi} | {rtf:.4f} | {'n/a' if rate is None else f'{100 * rate:.1f} %'} |")
     if rows[0][1] is None:
-        print("note: the optional packages pesq and pystoi are not installed (requirements-extra.txt): speed only")
+        print("note: the optional packages pesq and pystoi are not installed "
+              "(pip install -e '.[speech-metrics]'): speed only")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from omni.generation import Speaker, continuation_ids, stream_text
 from omni.loading import load_omni, load_speaker, load_thinker, stage_prefix_in
 from omni.registry import STAGES
 
-OMNI_DIR, THINKER_DIR = "checkpoints/omni_sft_tiny", "checkpoints/thinker_tiny"
-TALKER_DIR, VOCODER_DIR = "checkpoints/talker_tiny", "checkpoints/vocoder_tiny"
+OMNI_DIR, THINKER_DIR = STAGES["E"].default_save_dir, STAGES["A"].default_save_dir
+TALKER_DIR, VOCODER_DIR = STAGES["D"].default_save_dir, STAGES["F"].default_save_dir
 
 
 def add_model_arguments(p) -> None:
@@ -60,8 +60,7 @@ def default_model_dir() -> str:
         if os.path.isdir(folder) and stage_prefix_in(folder):
             return folder
     raise UserError(f"no trained model in {OMNI_DIR} or {THINKER_DIR}: run the pipeline with "
-                    "`python -m omni.pipeline` (or train the Thinker: `python train_text.py --config "
-                    "configs/thinker_tiny.json`)")
+                    f"`python -m omni.pipeline` (or train the Thinker: `{STAGES['A'].command}`)")
 
 
 def read_media(image_path: str | None, audio_path: str | None, image_size: int = 64, resize: str = "squash",
@@ -117,7 +116,7 @@ class Chat:
                                  self.max_pixels, self.max_seconds)
         if not self.is_omni:
             raise UserError("--image and --audio need the Stage E model: train it with `python -m omni.pipeline` "
-                            "(or `python sft_omni.py --config configs/omni_sft_tiny.json`)")
+                            f"(or `{STAGES['E'].command}`)")
         mel = None if wave is None else LogMel(MelSpec(n_mels=self.model.audio_encoder.arch.n_mels))(wave)
         return image, mel
 

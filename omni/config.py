@@ -312,7 +312,7 @@ def check_size(arch: Arch) -> None:
     """UserError naming the size keys when the network of `arch` would not fit in memory even once in float32.
     It is built on the meta device first (shapes, no storage), so an absurd size read from a config
     (vocab_size 2**40) ends in this line, not in an allocation that fails or an out-of-memory kill."""
-    import torch    # here, not at the top: reading a config does not need torch
+    import torch  # here, not at the top: reading a config does not need torch
     with torch.device("meta"):
         module = arch.network()
     n = sum(t.numel() for t in (*module.parameters(), *module.buffers()))

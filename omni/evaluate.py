@@ -29,14 +29,14 @@ import tempfile
 from dataclasses import dataclass
 
 from omni import checkpoint as ckpt
+from omni.cli import run_cli
 from omni.config import UserError, build_config, parse_override
 from omni.export import COMPONENT_DIRS
 from omni.loading import checkpoint_in, config_for, read_checkpoint, read_export, resolve_dir, stage_prefix_in
-from omni.runtime import setup_runtime, teardown
 from omni.registry import letter_of, prefixes
+from omni.runtime import setup_runtime, teardown
 from omni.stages import stage_class
 from omni.tokenizer import Tokenizer
-from omni.cli import run_cli
 from omni.train.loop import ResumeOptions, build_trainer, validate
 from omni.train.state import load_weights
 

@@ -44,7 +44,7 @@ from omni.thinker import ThinkerArch
 from omni.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK
 
 RMS_EPS = RMSNorm(1).eps
-EXTRA = "pip install -r requirements-extra.txt"
+EXTRA = "pip install -e '.[export]'"
 
 
 def llama_tensors(sd: dict[str, torch.Tensor], arch: ThinkerArch) -> dict[str, torch.Tensor]:
@@ -80,7 +80,7 @@ def hf_config(arch: ThinkerArch, ffn_hidden: int, dtype: str) -> dict:
 
 def sentencepiece_proto(path: str):
     """The parsed SentencePiece ModelProto (pieces, scores, types, normaliser spec)."""
-    try:   # optional dependency (protobuf comes with requirements-extra.txt)
+    try:   # optional dependency (protobuf comes with the export extra)
         from sentencepiece import sentencepiece_model_pb2
     except ImportError:
         raise UserError(f"reading {path} needs protobuf: {EXTRA}") from None
@@ -210,7 +210,7 @@ def write_gguf(sd: dict, arch: ThinkerArch, sp_path: str, path: str, dtype: str 
 def add_sentencepiece_vocab(writer, sp_path: str, vocab_size: int) -> None:
     """Pieces, scores and types of the SentencePiece model (its type numbers are GGUF's), padded
     with unused pieces up to the embedding's rows, and the special ids."""
-    import gguf   # optional dependency (checked by write_gguf)
+    import gguf  # optional dependency (checked by write_gguf)
     pieces = list(sentencepiece_proto(sp_path).pieces)
     if len(pieces) > vocab_size:
         raise UserError(f"{sp_path}: {len(pieces)} pieces but the model has {vocab_size} embeddings")

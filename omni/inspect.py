@@ -11,9 +11,9 @@ import json
 import os
 
 from omni import checkpoint as ckpt
+from omni.cli import run_cli
 from omni.config import UserError, read_json
 from omni.loading import checkpoint_in, config_inside, read_export
-from omni.cli import run_cli
 
 
 def describe(path: str) -> dict:

@@ -36,9 +36,8 @@ from omni.registry import STAGES, StageSpec, by_prefix, prefixes
 from omni.talker import Talker, TalkerArch
 from omni.thinker import Thinker, ThinkerArch
 from omni.tokenizer import Tokenizer
-from omni.vision import CLIP, ViT, VisionArch
+from omni.vision import CLIP, VisionArch, ViT
 from omni.vocoder import REFINE_ITERS, GriffinLimVocoder, NeuralVocoder, Vocoder, VocoderArch
-
 
 # The architectures of each stage's model (by checkpoint prefix); Stage E builds on the others'.
 ARCHS = {STAGES["A"].prefix: (ThinkerArch,), STAGES["B"].prefix: (AudioEncArch,), STAGES["C"].prefix: (VisionArch,),

@@ -41,7 +41,7 @@ def summary_writer_class():
         from torch.utils.tensorboard import SummaryWriter  # optional dependency
     except ImportError:
         raise UserError("config key 'log_to': 'tensorboard' needs the tensorboard package: "
-                        "pip install -r requirements-extra.txt") from None
+                        "pip install -e '.[tensorboard]'") from None
     return SummaryWriter
 
 

@@ -25,11 +25,11 @@ import time
 from dataclasses import dataclass, field
 
 from omni import checkpoint as ckpt
+from omni.cli import run_cli
 from omni.config import UserError, config_dict, inherits, load_config, read_json
 from omni.logs import METRICS_FILE, read_records
 from omni.registry import STAGES
 from omni.stages import stage_class
-from omni.cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join("configs", "pipeline_demo.json")
@@ -279,7 +279,7 @@ def wrap(head: str, cells: list[str], width: int = 110) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Run the training stages (A-F) in order.")
+    p = argparse.ArgumentParser(description=f"Run the training stages ({min(STAGES)}-{max(STAGES)}) in order.")
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="pipeline JSON")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in every stage")

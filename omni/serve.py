@@ -38,7 +38,7 @@ from omni.cli import run_cli
 from omni.config import UserError
 from omni.runtime import resolve_device
 
-try:    # an optional extra (requirements-extra.txt): without it, main() says what to install
+try:    # an optional extra (pip install -e '.[serve]'): without it, main() says what to install
     import python_multipart  # noqa: F401  (FastAPI needs it to read forms)
     import uvicorn
     from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -215,7 +215,7 @@ def main(argv=None):
     args = parse_args(argv)
     if MISSING:
         raise UserError(f"the page needs fastapi, uvicorn and python-multipart ({MISSING} is missing): "
-                        "pip install -r requirements-extra.txt (or pip install fastapi uvicorn python-multipart)")
+                        "pip install -e '.[serve]' (or pip install fastapi uvicorn python-multipart)")
     if args.max_upload_mb <= 0:
         raise UserError(f"--max_upload_mb must be > 0, got {args.max_upload_mb:g}")
     sock = listen(args.host, args.port)

@@ -120,7 +120,7 @@ def demo_tiny(tmp_path_factory):
 
 def tiny_stage_configs(demo: str, root) -> dict:
     """Tiny configs of the six stages (letter -> config dict) on the tiny world, writing under root."""
-    from test_audio_enc import audio_enc_config       # the test modules import this one
+    from test_audio_enc import audio_enc_config  # the test modules import this one
     from test_talker import tiny_stage_config as talker_config
     from test_vision import vision_config
     from test_vocoder import vocoder_config

@@ -7,11 +7,22 @@ import pytest
 import torch
 
 from conftest import load_pt, run_script, write_config
-from omni.audio_enc import (BLANK, CHARSET, VOCAB_SIZE, ASR, AudioEncArch, AudioEncoder, ctc_greedy_decode,
-                            downsampled_mask, ids_to_text, normalize_text, text_to_ids)
+from omni.audio_enc import (
+    ASR,
+    BLANK,
+    CHARSET,
+    VOCAB_SIZE,
+    AudioEncArch,
+    AudioEncoder,
+    ctc_greedy_decode,
+    downsampled_mask,
+    ids_to_text,
+    normalize_text,
+    text_to_ids,
+)
 from omni.config import UserError
-from omni.loading import load_asr, load_audio_encoder
 from omni.data.audio import read_audio
+from omni.loading import load_asr, load_audio_encoder
 from omni.metrics import cer, edit_distance, error_counts, wer
 
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "dropout": 0.0}

@@ -10,6 +10,9 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
+from test_audio_enc import audio_enc_config
+from test_talker import tiny_stage_config as talker_config
+from test_vision import vision_config
 
 from conftest import run_script, write_config
 from omni.config import UserError, build_config
@@ -17,9 +20,6 @@ from omni.data.audio import read_audio
 from omni.data.common import DataError
 from omni.data.image import read_image
 from omni.data.manifest import SampleError, read_manifest
-from test_audio_enc import audio_enc_config
-from test_talker import tiny_stage_config as talker_config
-from test_vision import vision_config
 
 BAD_AUDIO = {"corrupt.wav": "unreadable audio", "empty.wav": "empty file (0 bytes)", "silent.wav": "silent audio"}
 BAD_IMAGES = {"not_an_image.png": "not an image", "gone.png": "file not found"}

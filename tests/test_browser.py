@@ -24,14 +24,13 @@ def needs(found: bool, reason: str) -> None:
 
 
 needs(CHROMIUM and CHROMEDRIVER, "needs Debian's chromium and chromium-driver (apt-get install them)")
-needs(importlib.util.find_spec("selenium"), "needs selenium (requirements-dev.txt)")
+needs(importlib.util.find_spec("selenium"), "needs selenium (pip install -e '.[dev]')")
 needs(all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "python_multipart", "httpx")),
-      "needs fastapi, uvicorn, python-multipart (requirements-extra.txt) and httpx (requirements-dev.txt)")
+      "needs fastapi, uvicorn, python-multipart and httpx (pip install -e '.[dev]')")
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
 from test_serve import load_chat, served, trained_omni  # noqa: E402
 
 from omni import serve  # noqa: E402

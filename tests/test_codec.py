@@ -5,11 +5,11 @@ import os
 import torch
 
 from omni.codec import CodecArch, SpeechCodec, VectorQuantizer, usage_perplexity
-from omni.vocoder import GriffinLimVocoder
 from omni.data.audio import read_audio
+from omni.data.manifest import read_manifest
 from omni.features import LogMel
 from omni.layers import pad_stack
-from omni.data.manifest import read_manifest
+from omni.vocoder import GriffinLimVocoder
 
 TINY = dict(codec_channels=32, latent_dim=16, n_codebooks=2, codebook_size=32)
 

@@ -4,9 +4,9 @@ import json
 import pytest
 
 from conftest import run_script, thinker_config, write_config
+from omni.cli import one_line
 from omni.config import TrainConfig, UserError, load_config
 from omni.stages.text import TextConfig, TextStage
-from omni.cli import one_line
 from omni.train.main import trainer_main
 
 
@@ -83,6 +83,7 @@ def test_shares_must_lie_between_zero_and_one():
 
 def test_cpu_threads_sets_torchs_threads_on_the_cpu_only_when_given():
     import torch
+
     from omni.runtime import setup_runtime
     before = torch.get_num_threads()
     try:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script, thinker_config, write_config
+from omni.audio_enc import AudioEncArch
 from omni.codec import CodecArch
 from omni.config import ArchError, UserError, build_config, load_config
 from omni.resume_policy import arch_keys
@@ -23,7 +24,6 @@ from omni.talker import TalkerArch
 from omni.thinker import ThinkerArch
 from omni.train.loop import ResumeOptions, build_trainer, train
 from omni.vision import VisionArch
-from omni.audio_enc import AudioEncArch
 
 CPU = Runtime(torch.device("cpu"))
 TINY = ["d_model=32", "n_heads=2", "n_kv_heads=1"]

@@ -8,11 +8,19 @@ import os
 
 import pytest
 import torch
+from test_resume import (  # noqa: F401 (fixtures)
+    audio_stage_config,
+    omni_stage_config,
+    run_stage,
+    stage_case,
+    talker_stage_config,
+    text_stage_config,
+    vision_stage_config,
+    vocoder_stage_config,
+)
 
 from conftest import assert_same_state, load_pt
 from omni.registry import STAGES
-from test_resume import (audio_stage_config, omni_stage_config, run_stage, stage_case,  # noqa: F401 (fixtures)
-                         talker_stage_config, text_stage_config, vision_stage_config, vocoder_stage_config)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

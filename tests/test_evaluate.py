@@ -8,11 +8,11 @@ import torch
 
 from conftest import load_pt, run_script, write_config
 from omni import checkpoint as ckpt
+from omni.cli import run_cli
 from omni.evaluate import evaluate, main
 from omni.export import export
-from omni.stages import stage_class
 from omni.registry import STAGES
-from omni.cli import run_cli
+from omni.stages import stage_class
 
 ID_KEYS = {"stage", "checkpoint", "format", "step", "manifest"}
 TRAINING_ONLY = {"unigram_entropy"}       # figures of the training text, which evaluation does not read

@@ -27,7 +27,7 @@ from omni.registry import STAGES
 from omni.runtime import Runtime
 from omni.thinker import Thinker, ThinkerArch
 from omni.tokenizer import MAX_SENTENCE_BYTES, Tokenizer, read_sentences
-from omni.vision import ViT, VisionArch
+from omni.vision import VisionArch, ViT
 
 MAX_SEQ_LEN = 24
 ENCODER = AudioEncArch(n_mels=80, d_model=16, n_layers=1, n_heads=2, max_positions=16, downsample=4)

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 import soundfile as sf
-
-from conftest import ROOT, run_script, thinker_config, tiny_stage_configs as stage_configs, write_config
 from test_rundir import alive, holder, wait_for
+
+from conftest import ROOT, run_script, thinker_config, write_config
+from conftest import tiny_stage_configs as stage_configs
 
 LETTERS = "ABCDE"
 

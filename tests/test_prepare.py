@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
+from test_audio_enc import audio_enc_config
+from test_talker import tiny_stage_config as talker_config
+from test_vision import vision_config
 
 from conftest import ROOT, run_script, thinker_config, tree_bytes, write_config
 from omni.config import load_config
 from omni.data import prepare
 from omni.data.manifest import read_manifest
 from omni.stages.audio_enc import AudioEncConfig
-from test_audio_enc import audio_enc_config
-from test_talker import tiny_stage_config as talker_config
-from test_vision import vision_config
 
 CLIP_SECONDS = 0.3
 WORDS = ["go", "up", "no", "on", "we", "me", "so", "at", "it", "be"]

@@ -10,18 +10,18 @@ import soundfile as sf
 import torch
 import torch.nn as nn
 from PIL import Image
+from test_audio_enc import audio_enc_config
+from test_talker import tiny_stage_config
 
 from conftest import ROOT, load_pt, run_script, write_config
 from omni.audio_enc import CHARSET, AudioEncArch, AudioEncoder, charset_of
 from omni.codec import CodecArch, SpeechCodec
 from omni.config import UserError, load_config
 from omni.data.image import fit_square, read_image
-from omni.transcripts import Charset, derive_charset, normalize_transcript
-from omni.stages import stage_class
 from omni.loading import load_asr, load_audio_encoder, load_speaker
+from omni.stages import stage_class
 from omni.talker import CHARS, Talker, TalkerArch
-from test_audio_enc import audio_enc_config
-from test_talker import tiny_stage_config
+from omni.transcripts import Charset, derive_charset, normalize_transcript
 
 TRAIN_TEXTS = ["What is TWO plus 2?", "Don't STOP -- now!", "Café au lait, s'il vous plaît.",
                "The “quoted” word; 42 apples.", "Ça va: 7 days", "Über naïve rock’n’roll"]

@@ -6,13 +6,13 @@ import os
 import random
 
 import pytest
-
-from conftest import assert_same_state, load_pt, run_script, thinker_config, write_config
-from omni.registry import STAGES
 from test_audio_enc import audio_enc_config
 from test_talker import tiny_stage_config as talker_config
 from test_vision import vision_config
 from test_vocoder import vocoder_config
+
+from conftest import assert_same_state, load_pt, run_script, thinker_config, write_config
+from omni.registry import STAGES
 
 # stage letter -> the fixture giving its config function
 CONFIG_FIXTURES = {"A": "text_stage_config", "B": "audio_stage_config", "C": "vision_stage_config",

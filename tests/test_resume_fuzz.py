@@ -17,11 +17,18 @@ import sys
 import time
 
 import pytest
+from test_resume import (  # noqa: F401
+    audio_stage_config,
+    omni_stage_config,
+    stage_case,
+    talker_stage_config,
+    text_stage_config,
+    vision_stage_config,
+    vocoder_stage_config,
+)
 
 from conftest import ROOT, assert_same_state, load_pt, run_script
 from omni.registry import STAGES
-from test_resume import (audio_stage_config, omni_stage_config, stage_case, talker_stage_config,  # noqa: F401
-                         text_stage_config, vision_stage_config, vocoder_stage_config)
 
 KILLS = int(os.environ.get("OMNI_FUZZ_KILLS", "20"))
 

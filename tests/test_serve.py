@@ -23,8 +23,8 @@ from conftest import run_script, write_config
 
 for extra in ("fastapi", "uvicorn", "python_multipart"):
     pytest.importorskip(extra, reason="the page needs fastapi, uvicorn and python-multipart: "
-                                      "pip install -r requirements-extra.txt")
-pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (requirements-dev.txt)")
+                                      "pip install -e '.[serve]'")
+pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (pip install -e '.[dev]')")
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
@@ -178,8 +178,8 @@ def test_without_fastapi_the_command_says_what_to_install_in_one_line():
     proc = run_script("-c", "import sys, runpy; sys.modules['fastapi'] = None; "     # as if it were not installed
                             "runpy.run_module('omni.serve', run_name='__main__')")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: the page needs fastapi, uvicorn and python-multipart (fastapi is missing): pip install -r "
-        "requirements-extra.txt (or pip install fastapi uvicorn python-multipart)"]
+        "error: the page needs fastapi, uvicorn and python-multipart (fastapi is missing): pip install -e "
+        "'.[serve]' (or pip install fastapi uvicorn python-multipart)"]
     args = serve.parse_args([])
     assert (args.host, args.port, args.ckpt_dir, args.talker_dir) == ("127.0.0.1", 7860, None, TALKER_DIR)
 

@@ -6,14 +6,14 @@ import random
 
 import pytest
 import torch
+from test_resume import run_stage
 
 from conftest import assert_same_state, load_pt, thinker_config
 from omni.data import shards
-from omni.data.shards import Lines, open_split
 from omni.data.sampler import mix_seed
+from omni.data.shards import Lines, open_split
 from omni.data.text import TokenWindows, encode_documents, read_lines, unigram_entropy
 from omni.tokenizer import Tokenizer, sample_lines
-from test_resume import run_stage
 
 
 class MainRank:

@@ -1,18 +1,29 @@
 """The stage contract: each registered stage (omni/registry.py) is what its spec says. Its script
 trains its class, its default config exists, and every checkpoint it writes holds exactly its
-declared weight keys (the optional ones only when its config trains them)."""
+declared weight keys (the optional ones only when its config trains them). The rest of the
+contract is data too, and the code, the configs and the docs say the same: the folders of other
+stages it reads are keys of its config, the splits it scores are, parallel=fsdp shards exactly
+the `sharded` stages, and the tables of docs/design.md show the registry."""
 import ast
+import dataclasses
+import json
 import os
+import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from conftest import ROOT, load_pt, run_script, write_config
 from omni import checkpoint as ckpt
-from omni.registry import STAGES, by_prefix, letter_of, prefixes
+from omni.config import UserError
+from omni.registry import STAGES, by_prefix, letter_of, prefixes, sharded
 from omni.stages import stage_class
 from omni.train.loop import check_weight_keys
+from omni.train.parallel import parallelize
+from omni.train.stage import Stage
 
 
 @pytest.mark.parametrize("letter", sorted(STAGES))
@@ -50,6 +61,104 @@ def test_a_stage_whose_modules_differ_from_its_spec_is_refused():
         spec, modules = STAGES["D"], {"model": None}      # Stage D saves talker and rvq
     with pytest.raises(RuntimeError, match=r"stage D \(talker\) built modules \['model'\]"):
         check_weight_keys(Wrong())
+
+
+def config_keys(letter: str) -> dict:
+    """The keys of the stage's config class, with their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(stage_class(letter).config_class)}
+
+
+def default_config(letter: str) -> dict:
+    with open(os.path.join(ROOT, STAGES[letter].config), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("letter", sorted(STAGES))
+def test_the_folders_a_stage_reads_are_keys_of_its_config(letter):
+    spec, keys, config = STAGES[letter], config_keys(letter), default_config(letter)
+    assert default_config(letter)["save_dir"] == spec.default_save_dir == keys["save_dir"]
+    assert not {k for k, _ in spec.components} & {k for k, _ in spec.reads}
+    for key, source in spec.inputs:
+        assert source in STAGES and source != letter
+        # by default it looks where the other stage's default config trains into
+        assert keys[key] == STAGES[source].default_save_dir, key
+        assert config.get(key, keys[key]) == STAGES[source].default_save_dir, key
+
+
+def test_stage_d_reads_stage_b_and_stage_e_is_built_from_a_b_and_c():
+    assert STAGES["D"].reads == (("asr_ckpt_dir", "B"),) and STAGES["D"].components == ()
+    assert [letter for _, letter in STAGES["E"].components] == ["A", "B", "C"]
+    assert [spec.letter for spec in STAGES.values() if spec.inputs] == ["D", "E"]
+
+
+@pytest.mark.parametrize("letter", sorted(STAGES))
+def test_the_splits_a_stage_scores_are_keys_of_its_config(letter):
+    spec, keys, cls = STAGES[letter], config_keys(letter), stage_class(letter)
+    assert spec.splits[0] == "val" and set(spec.splits) <= {"val", "test"}
+    assert cls.val_key in keys
+    assert ("test_manifest" in keys) == ("test" in spec.splits)
+    # only a stage that scores a test split fills test_data; the loop reads Stage's None otherwise
+    source = open(os.path.join(ROOT, *spec.module.split(".")) + ".py", encoding="utf-8").read()
+    assert ("self.test_data =" in source) == ("test" in spec.splits)
+    assert Stage.test_data is None
+
+
+@pytest.mark.parametrize("letter", sorted(STAGES))
+def test_fsdp_shards_exactly_the_sharded_stages(letter):
+    stage = SimpleNamespace(spec=STAGES[letter], modules={"net": torch.nn.Linear(2, 2)})
+    if STAGES[letter].sharded:
+        parallel = parallelize(stage, "fsdp", world_size=1)    # one rank: DCP step folders, no engine
+        assert parallel.folders and parallel.mode == "none"
+    else:
+        with pytest.raises(UserError, match=rf"fsdp shards stages {', '.join(sharded())}; stage {letter} "):
+            parallelize(stage, "fsdp", world_size=1)
+    assert parallelize(stage, "ddp", world_size=1).mode == "none"
+
+
+def doc_table(path: str, header: str) -> dict[str, list[str]]:
+    """Letter -> cells of the rows of the markdown table whose header line starts with `header`."""
+    lines = open(os.path.join(ROOT, path), encoding="utf-8").read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def folders_in(cell: str) -> tuple:
+    return tuple((key, letter) for letter, key in re.findall(r"([A-Z]) \(`(\w+)`", cell))
+
+
+def test_the_design_doc_tables_say_what_the_registry_says():
+    identity = doc_table("docs/design.md", "| stage | script |")
+    contract = doc_table("docs/design.md", "| stage | default config |")
+    assert identity.keys() == contract.keys() == STAGES.keys()
+    for letter, spec in STAGES.items():
+        script, _, prefix, keys = identity[letter]
+        assert (script, prefix) == (f"`{spec.script}`", f"`{spec.prefix}`")
+        named = re.findall(r"`(\w+)`", keys)     # the weight keys, then the optional ones with their config keys
+        assert named[:len(spec.weight_keys)] == list(spec.weight_keys) and set(spec.optional_keys) <= set(named)
+        config, fsdp, splits, built_from, uses = contract[letter]
+        assert config == f"`{spec.config}`"
+        assert fsdp == ("shards it" if spec.sharded else "no (ddp)")
+        assert splits == ", ".join(spec.splits)
+        assert (folders_in(built_from), folders_in(uses)) == (spec.components, spec.reads)
+    training = open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8").read()
+    assert f"the `sharded` stages of the registry: {' and '.join(sharded())};" in training
+
+
+@pytest.mark.parametrize("output, letter", [("asr", "B"), ("tts", "D"), ("image_caption", "C"), ("text", "A")])
+def test_prepare_names_the_trainer_and_the_splits_of_the_registry(output, letter):
+    from omni.data.prepare import manifest_name, next_command
+    manifests = {manifest_name(output, split): {} for split in ("train", "val", "test")}
+    command = next_command(output, "out", manifests)
+    spec = STAGES[letter]
+    assert command.startswith(spec.command + " --set demo_dir= ")
+    if output != "text":
+        assert [k for k in re.findall(r"--set (\w+)_manifest=", command)] == ["train", *spec.splits]
 
 
 def weight_keys_in(path: str) -> set[str]:

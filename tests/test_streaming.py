@@ -6,6 +6,8 @@ import os
 import pytest
 import soundfile as sf
 import torch
+from test_evaluate import stages  # noqa: F401 (fixture: the five stages trained tiny)
+from test_talker import NQ, K, sharpen, tiny_talker
 
 from conftest import run_script
 from omni.chat import Chat
@@ -16,8 +18,6 @@ from omni.loading import load_speaker
 from omni.speech_stream import PhraseSplitter, chunked_wave
 from omni.talker import text_to_ids
 from omni.vocoder import GriffinLimVocoder, NeuralVocoder, VocoderArch
-from test_evaluate import stages  # noqa: F401 (fixture: the five stages trained tiny)
-from test_talker import K, NQ, sharpen, tiny_talker
 
 
 def split(pieces, **kw) -> list[str]:

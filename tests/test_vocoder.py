@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
+from test_talker import trained_talker  # noqa: F401 (fixture)
 
 from conftest import assert_same_state, load_pt, run_script, write_config
 from omni.loading import load_speaker, load_vocoder
 from omni.vocoder import GriffinLimVocoder, NeuralVocoder, VocoderArch
-from test_talker import trained_talker  # noqa: F401 (fixture)
 
 TINY = VocoderArch(vocoder_dim=16, vocoder_layers=2, vocoder_ffn=32)
 

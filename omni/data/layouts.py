@@ -289,7 +289,7 @@ def hf(source: str, out: str, args) -> Source:
     try:
         import pyarrow  # optional dependency  # noqa: F401
     except ImportError:
-        raise UserError("prepare hf needs the pyarrow package: pip install -r requirements-extra.txt") from None
+        raise UserError("prepare hf needs the pyarrow package: pip install -e '.[data]'") from None
     if args.audio_column and args.image_column:
         raise UserError("prepare hf: give --audio_column or --image_column, not both (one manifest kind a run)")
     media = args.audio_column or args.image_column

@@ -38,6 +38,7 @@ from omni.config import UserError
 from omni.data import layouts
 from omni.data.manifest import SampleError, media_file
 from omni.logs import Progress
+from omni.registry import STAGES
 
 LAYOUTS = {"librispeech": layouts.librispeech, "ljspeech": layouts.ljspeech, "commonvoice": layouts.commonvoice,
            "coco": layouts.coco, "text": layouts.text, "hf": layouts.hf}
@@ -218,24 +219,21 @@ def make_summary(kind: str, source: str, args, src, stats: dict, skipped: dict) 
 
 
 # ----------------------------------------------------------------------------- report
-TRAINERS = {"asr": ("train_audio_enc.py", "audio_enc_tiny.json", ("train", "val", "test")),
-            "tts": ("train_talker.py", "talker_tiny.json", ("train", "val")),
-            "image_caption": ("train_vision.py", "vision_tiny.json", ("train", "val", "test"))}
+TRAINERS = {"text": "A", "asr": "B", "image_caption": "C", "tts": "D"}     # output -> the stage that trains on it
 
 
 def next_command(output: str, out: str, manifests: dict) -> str:
-    """The trainer command that uses what was written (the demo-world config with --set)."""
+    """The trainer command that uses what was written (the stage's default config with --set)."""
     def path(split):
         return os.path.join(out, manifest_name(output, split))
     have = {split for split in SPLITS if manifest_name(output, split) in manifests}
+    spec = STAGES[TRAINERS[output]]
     if output == "text":
         sets = [f"train_files={json.dumps([path('train')])}", f"val_file={path('val') if 'val' in have else ''}"]
-        script, config = "train_text.py", "thinker_tiny.json"
-    else:
-        script, config, keys = TRAINERS[output]
-        sets = [f"{split}_manifest={path(split) if split in have else ''}" for split in keys]
+    else:       # a {split}_manifest key for training and each split its validation scores
+        sets = [f"{split}_manifest={path(split) if split in have else ''}" for split in ("train", *spec.splits)]
     sets = ["demo_dir="] + sets
-    return f"python {script} --config configs/{config} " + " ".join(f"--set {shlex.quote(s)}" for s in sets)
+    return f"{spec.command} " + " ".join(f"--set {shlex.quote(s)}" for s in sets)
 
 
 def report(summary: dict, out: str) -> str:

@@ -9,16 +9,16 @@ import torch.nn.functional as F
 from omni.audio_enc import ASR, AudioEncArch, ctc_greedy_decode
 from omni.config import TrainConfig
 from omni.data.audio import AudioTextDataset, spec_augment
-from omni.features import MelSpec
 from omni.data.common import require_files
-from omni.layers import pad_stack
 from omni.data.manifest import SampleError, read_manifest
 from omni.data.sampler import BucketedBatches
-from omni.transcripts import Charset, derive_charset
-from omni.metrics import error_counts
+from omni.features import MelSpec
+from omni.layers import pad_stack
 from omni.logs import log
+from omni.metrics import error_counts
 from omni.registry import STAGES
 from omni.train.stage import Stage
+from omni.transcripts import Charset, derive_charset
 
 
 @dataclass

@@ -9,15 +9,15 @@ import torch
 
 from omni.config import TrainConfig, UserError, choice, fraction, inherit, inherited, positive
 from omni.data.audio import audio_frames
-from omni.data.image import MAX_IMAGE_PIXELS, RESIZE_MODES
 from omni.data.common import require_files
+from omni.data.image import MAX_IMAGE_PIXELS, RESIZE_MODES
 from omni.data.manifest import SampleError, read_manifest
-from omni.metrics import error_counts
 from omni.data.sft import SFTDataset, check_conversation, longest_audio, read_sft_manifest
 from omni.features import MelSpec
 from omni.loading import build_omni
-from omni.omni_model import AnswerSmoothing, Media, OmniModel, merge_patches
 from omni.logs import log
+from omni.metrics import error_counts
+from omni.omni_model import AnswerSmoothing, Media, OmniModel, merge_patches
 from omni.registry import STAGES
 from omni.train.stage import Stage
 
@@ -54,6 +54,7 @@ class OmniSFTConfig(TrainConfig):
     answer_smoothing: float = fraction()  # image answers: first token smoothed within its answer type
     qa_eval_limit: int = 0          # answers generated per split for accuracy; 0 = all
     max_answer_tokens: int = 16
+    save_dir: str = "checkpoints/omni_sft_tiny"
 
     def __post_init__(self):
         super().__post_init__()

@@ -17,19 +17,19 @@ from omni import checkpoint as ckpt
 from omni.codec import LOG_FLOOR, CodecArch, SpeechCodec, usage_perplexity
 from omni.config import TrainConfig, UserError
 from omni.data.audio import AudioTextDataset
-from omni.features import MelSpec
 from omni.data.common import require_files
-from omni.layers import pad_stack
 from omni.data.manifest import SampleError, read_manifest
 from omni.data.sampler import BucketedBatches
-from omni.transcripts import derive_charset
+from omni.features import MelSpec
 from omni.generation import Speaker
+from omni.layers import pad_stack
 from omni.loading import load_asr
-from omni.metrics import cer
-from omni.talker import Talker, TalkerArch, text_to_ids
 from omni.logs import log
+from omni.metrics import cer
 from omni.registry import STAGES
+from omni.talker import Talker, TalkerArch, text_to_ids
 from omni.train.stage import Stage
+from omni.transcripts import derive_charset
 from omni.vocoder import GriffinLimVocoder
 
 

@@ -12,10 +12,10 @@ from omni.config import TrainConfig, UserError, above, positive
 from omni.data.common import require_files
 from omni.data.shards import TOKENS_DIR, Lines, open_split
 from omni.data.text import TokenWindows, perplexity
-from omni.thinker import Thinker, ThinkerArch
-from omni.tokenizer import Tokenizer
 from omni.logs import log
 from omni.registry import STAGES
+from omni.thinker import Thinker, ThinkerArch
+from omni.tokenizer import Tokenizer
 from omni.train.stage import Stage
 
 TOKENIZER_FILE = ckpt.TOKENIZER_FILE
@@ -30,6 +30,7 @@ class TextConfig(TrainConfig, ThinkerArch):
     tokenizer_model: str = ""           # an existing SentencePiece model to use instead of training one
     tokenizer_sample_bytes: int = positive(100_000_000)  # a larger corpus trains the tokenizer on a sample
     token_shard_size: int = positive(2**26)   # token ids per file in save_dir/tokens (128 MB as uint16)
+    save_dir: str = "checkpoints/thinker_tiny"
 
 
 def prepare_tokenizer(cfg, rt) -> Tokenizer:

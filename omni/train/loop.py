@@ -22,11 +22,11 @@ from omni.config import UserError, config_dict
 from omni.data.sampler import ResumableBatchSampler, mix_seed
 from omni.logs import MetricsLog, Progress, log, summary_writer_class
 from omni.runtime import Runtime, setup_runtime, teardown
+from omni.train import rundir
 from omni.train.optim import make_optimizer, make_scheduler
+from omni.train.parallel import parallelize
 from omni.train.speed import compile_modules
 from omni.train.stage import Stage, make_loader, to_device
-from omni.train.parallel import parallelize
-from omni.train import rundir
 from omni.train.state import Trainer, find_resume_checkpoint, load_weights
 
 
@@ -185,7 +185,7 @@ def validate(trainer: Trainer) -> dict:
     for m in stage.modules.values():
         m.train()
     # Validation runs in this process, so the datasets know every bad sample it met (each named once).
-    bad = [len(getattr(d, "bad_records", ())) for d in (stage.val_data, getattr(stage, "test_data", None))]
+    bad = [len(getattr(d, "bad_records", ())) for d in (stage.val_data, stage.test_data)]
     bad_val, bad_all = stage.rt.sum([float(bad[0]), float(sum(bad))])
     if bad_all:
         metrics["skipped_samples"] = int(bad_all)

@@ -18,9 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from omni.config import UserError
 from omni.layers import Block
+from omni.registry import sharded
 from omni.train.stage import Stage
-
-FSDP_STAGES = ("A", "E")     # the Thinker-sized stages; the small encoders and the Talker gain nothing
 
 
 class StageModel(nn.Module):
@@ -50,7 +49,7 @@ class Parallel:
             # broadcast_buffers off: buffers that must agree (RVQ codebooks) are kept so by their own stage
             self.engine = DistributedDataParallel(self.root, broadcast_buffers=False, find_unused_parameters=True)
         elif mode == "fsdp":
-            from torch.distributed.fsdp import fully_shard     # optional: only torchrun runs need it
+            from torch.distributed.fsdp import fully_shard  # optional: only torchrun runs need it
             for module in self.root.modules():
                 if isinstance(module, Block) and any(p.requires_grad for p in module.parameters()):
                     fully_shard(module)
@@ -78,7 +77,7 @@ class Parallel:
 
 def parallelize(stage: Stage, mode: str, world_size: int) -> Parallel:
     """Wrap the stage's modules (already on their device, the same on every rank) for training."""
-    if mode == "fsdp" and stage.spec.letter not in FSDP_STAGES:
-        raise UserError(f"config key 'parallel': fsdp shards stages {', '.join(FSDP_STAGES)}; stage "
+    if mode == "fsdp" and not stage.spec.sharded:      # omni/registry.py: StageSpec.sharded
+        raise UserError(f"config key 'parallel': fsdp shards stages {', '.join(sharded())}; stage "
                         f"{stage.spec.letter} ({stage.spec.prefix}) trains with parallel=ddp")
     return Parallel(stage, mode if world_size > 1 else "none", folders=mode == "fsdp")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from omni.config import TrainConfig
 from omni.data.manifest import SkippedSample
@@ -21,10 +21,12 @@ from omni.runtime import Runtime
 class Stage:
     """What one training stage supplies to the shared loop. Subclasses set `spec` (their identity
     in omni/registry.py: prefix, weight keys, command) and `config_class`, and fill `modules` (exactly
-    the spec's weight keys, plus any of its optional keys), `train_data` and `val_data` in `setup()`."""
+    the spec's weight keys, plus any of its optional keys), `train_data` and `val_data` in `setup()`,
+    and `test_data` when its spec's splits hold "test" and its config names a test manifest."""
     spec: StageSpec                  # e.g. STAGES["A"]
     config_class = TrainConfig
     val_key = "val_manifest"         # the config key of the validation data (omni.evaluate replaces it)
+    test_data: Dataset | None = None     # the held-out split its evaluate() also scores (bad samples counted)
 
     def __init__(self, cfg, rt: Runtime, evaluation_only: bool = False):
         self.cfg, self.rt = cfg, rt
