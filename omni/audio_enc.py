@@ -12,6 +12,7 @@ none and gets the fixed set it was trained with, CHARSET (space, apostrophe, a..
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -63,6 +64,11 @@ def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[li
 # ----------------------------------------------------------------------------- model
 @dataclass
 class AudioEncArch(Arch):
+    # Named sizes (config key `size`, docs/training.md): a size is one line; a config's own keys override it.
+    SIZES: ClassVar[dict[str, dict]] = {
+        "tiny": dict(n_mels=80, d_model=144, n_layers=4, n_heads=4, downsample=4, dropout=0.0),
+        "base": dict(n_mels=80, d_model=384, n_layers=12, n_heads=6, downsample=4, dropout=0.1, charset=""),
+    }
     n_mels: int = positive(80)
     d_model: int = positive(144)
     n_layers: int = positive(4)

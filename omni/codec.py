@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,12 @@ LOG_FLOOR = math.log(1e-5)      # LogMel's value for silence: padding uses it
 
 @dataclass
 class CodecArch(Arch):
+    # Named sizes (config key `size`, docs/training.md): a size is one line; a config's own keys override it.
+    SIZES: ClassVar[dict[str, dict]] = {
+        "tiny": dict(n_mels=80, downsample=4, codec_channels=128, latent_dim=64, n_codebooks=2, codebook_size=128,
+                     ema_decay=0.99, dead_threshold=1.0, commitment=0.25),
+        "base": dict(n_mels=80, downsample=4, codec_channels=256, latent_dim=128, n_codebooks=4, codebook_size=512),
+    }
     n_mels: int = positive(80)
     downsample: int = positive(4)          # mel frames per code frame: 4 -> 25 Hz codes, 8 -> 12.5 Hz
     codec_channels: int = positive(128)    # conv width of encoder and decoder

@@ -93,6 +93,7 @@ class Checked:
 class TrainConfig(Checked):
     """Keys every stage shares. Stages subclass this and add their model and data keys."""
     seed: int = 0
+    size: str = ""      # a named size of the stage's model (its Arch's SIZES: "tiny", "base"); "" = the defaults
     device: str = choice("auto", "cpu", "cuda", "mps")   # auto: CUDA, else Apple's MPS, else the CPU
     amp: str = choice("off", "bf16", "fp16")
     batch_size: int = positive(16)
@@ -245,12 +246,25 @@ def read_json(path: str, what: str = "config") -> dict:
 
 
 def load_config(cls, path: str | None, overrides: typing.Sequence[str] = ()):
-    """Config of type `cls` from a JSON file (or the defaults), then `--set` overrides on top."""
+    """Config of type `cls` from a JSON file (or the defaults), then `--set` overrides on top; the keys of
+    the named `size` they give, if any, fill in the architecture keys neither sets."""
     values = read_json(path) if path else {}
     for text in overrides:
         key, value = parse_override(text, cls)
         values[key] = value
+    if values.get("size"):
+        values = {**size_values(cls, values["size"]), **values}
     return build_config(cls, values, source=path or "config")
+
+
+def size_values(cls, size) -> dict:
+    """The architecture keys of the named size `size` of every Arch base of the config class `cls`."""
+    archs = [base for base in cls.__mro__ if "SIZES" in vars(base) and base is not Arch]
+    names = sorted({name for base in archs for name in base.SIZES})
+    if not isinstance(size, str) or not any(size in base.SIZES for base in archs):
+        known = f"one of {', '.join(names)}" if names else f"none: {cls.__name__} has no named sizes"
+        raise UserError(f"config key 'size': unknown size {size!r} ({known})")
+    return {key: value for base in reversed(archs) for key, value in base.SIZES.get(size, {}).items()}
 
 
 def config_dict(cfg) -> dict:
@@ -276,7 +290,9 @@ def arch_from_config(cls, cfg, source: str | None = None):
 class Arch(Checked):
     """Base of the architecture dataclasses (ThinkerArch, VisionArch, ...). A stage config inherits the
     ones of its model, so their fields are its architecture keys: the layout and meaning of the weights,
-    refused when they change on resume (omni/resume_policy.py)."""
+    refused when they change on resume (omni/resume_policy.py). SIZES names sets of their values that a
+    config picks with its `size` key (`load_config`)."""
+    SIZES: typing.ClassVar[dict[str, dict]] = {}
     from_config = classmethod(arch_from_config)
 
     def network(self):

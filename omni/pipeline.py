@@ -85,9 +85,10 @@ def is_finished(run: StageRun, resolved: dict) -> bool:
     trained = {**{k: v for k, v in defaults.items() if k not in trained}, **trained}
     # An empty value is filled in by the stage from its data (Stage C's caption vocabulary, the
     # character set of Stages B and D) or from the models it loads (Stage E's image size and mels).
+    # A size is only a name for architecture keys, which are compared themselves.
     config_class = stage_class(run.letter).config_class
     same = trained.keys() == resolved.keys() and all(
-        v in ([], trained[k]) or (k == "charset" and v == "") or inherits(config_class, k, v)
+        v in ([], trained[k]) or (k == "charset" and v == "") or k == "size" or inherits(config_class, k, v)
         for k, v in resolved.items())
     if not same:
         print(f"stage {run.letter}: the config differs from the finished run in {run.save_dir}; "

@@ -31,7 +31,7 @@ REFUSED = frozenset({"batch_size", "seed"})
 APPLIED = frozenset({"device", "amp", "compile", "grad_accum_steps", "grad_clip", "eval_interval",
                      "eval_batches", "early_stop_steps", "checkpoint_freq", "keep_last_n", "archive_every",
                      "log_interval", "log_to",
-                     "max_nonfinite_steps",
+                     "max_nonfinite_steps", "size",
                      "save_dir", "num_workers", "cpu_threads", "strict_data", "demo_dir", "demo_size", "progress",
                      "parallel"})
 

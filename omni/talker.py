@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -57,6 +58,13 @@ def text_to_ids(text: str, charset: Charset = _LEGACY) -> torch.Tensor:
 
 @dataclass
 class TalkerArch(Arch):
+    # Named sizes (config key `size`, docs/training.md): a size is one line; a config's own keys override it.
+    SIZES: ClassVar[dict[str, dict]] = {
+        "tiny": dict(d_model=192, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512, dropout=0.1, text_layers=2,
+                     n_sources=2, text_window=4),
+        "base": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=640, dropout=0.1, text_layers=4,
+                     frame_dropout=0.1, text_window=4, charset=""),
+    }
     d_model: int = positive(192)
     n_layers: int = positive(4)
     n_heads: int = positive(4)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -12,6 +13,11 @@ from omni.layers import KVCache, Transformer, sample_next
 
 @dataclass
 class ThinkerArch(Arch):
+    # Named sizes (config key `size`, docs/training.md): a size is one line; a config's own keys override it.
+    SIZES: ClassVar[dict[str, dict]] = {
+        "tiny": dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256),
+        "base": dict(vocab_size=16384, d_model=640, n_layers=12, n_heads=10, n_kv_heads=5, max_seq_len=1024),
+    }
     # SentencePiece counts pieces in an int32 (and token shards hold ids as uint16 or uint32)
     vocab_size: int = field(default=512, metadata={"min": 1, "max": 2**31 - 1})
     d_model: int = positive(128)

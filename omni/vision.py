@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,13 @@ LOG_SCALE_MAX = math.log(100.0)       # clamp: a larger scale makes the loss uns
 
 @dataclass
 class VisionArch(Arch):
+    # Named sizes (config key `size`, docs/training.md): a size is one line; a config's own keys override it.
+    SIZES: ClassVar[dict[str, dict]] = {
+        "tiny": dict(image_size=64, patch_size=8, conv_stem=True, vit_dim=128, vit_layers=4, vit_heads=4, text_dim=96,
+                     text_layers=2, text_heads=4, embed_dim=128, max_words=32, decoder_layers=2, dropout=0.0),
+        "base": dict(image_size=224, patch_size=16, conv_stem=True, vit_dim=384, vit_layers=12, vit_heads=6,
+                     text_dim=256, text_layers=4, text_heads=4, embed_dim=256, max_words=40, dropout=0.0),
+    }
     image_size: int = positive(64)
     patch_size: int = positive(8)
     conv_stem: bool = False       # patches through small convolutions instead of one linear map

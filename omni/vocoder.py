@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -82,6 +83,10 @@ class GriffinLimVocoder(Vocoder):
 # ----------------------------------------------------------------------------- the neural vocoder
 @dataclass
 class VocoderArch(Arch):
+    # Named sizes (config key `size`, docs/training.md): a size is one line; a config's own keys override it.
+    SIZES: ClassVar[dict[str, dict]] = {
+        "tiny": dict(n_mels=80, vocoder_dim=128, vocoder_layers=6, vocoder_ffn=384),
+    }
     n_mels: int = positive(80)
     vocoder_dim: int = positive(128)        # channels of the ConvNeXt stack
     vocoder_layers: int = positive(6)       # ConvNeXt blocks (block i sees 3 x its dilation frames more on each side)

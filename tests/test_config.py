@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import run_script, thinker_config, write_config
+from conftest import ROOT, run_script, thinker_config, write_config
 from omni.cli import one_line
 from omni.config import TrainConfig, UserError, load_config
 from omni.stages.text import TextConfig, TextStage
@@ -96,3 +96,59 @@ def test_cpu_threads_sets_torchs_threads_on_the_cpu_only_when_given():
         torch.set_num_threads(before)
     with pytest.raises(UserError, match="'cpu_threads'"):
         load_config(TrainConfig, None, ["cpu_threads=-1"])
+
+
+# ----------------------------------------------------------------------------- named sizes
+TINY = f"{ROOT}/configs/thinker_tiny.json"
+
+
+def test_a_named_size_fills_the_architecture_keys_a_config_leaves_out(tmp_path):
+    from omni.thinker import ThinkerArch
+    path = write_config(tmp_path / "c.json", {"size": "base", "n_layers": 3})
+    cfg = load_config(TextConfig, path)
+    assert (cfg.d_model, cfg.vocab_size, cfg.n_layers) == (ThinkerArch.SIZES["base"]["d_model"], 16384, 3)
+    tiny = load_config(TextConfig, TINY)
+    bigger = load_config(TextConfig, TINY, ["size=base"])
+    assert (tiny.d_model, bigger.d_model) == (128, 640) and bigger.max_steps == tiny.max_steps
+    assert load_config(TextConfig, path, ["d_model=320"]).d_model == 320     # --set wins over the size
+
+
+def test_a_size_change_on_resume_is_refused_by_the_keys_it_changes():
+    from omni.config import config_dict
+    from omni.resume_policy import config_changes
+    saved = config_dict(load_config(TextConfig, TINY))
+    changes = config_changes(saved, load_config(TextConfig, TINY, ["size=base"]))
+    assert "size" not in changes.refused and {"d_model", "n_layers"} <= changes.refused.keys()
+
+
+@pytest.mark.parametrize("cls, size, says", [
+    (TextConfig, "huge", "one of base, tiny"),
+    (TrainConfig, "tiny", "TrainConfig has no named sizes"),
+    (TextConfig, 3, "unknown size 3"),
+])
+def test_an_unknown_size_is_one_line_naming_the_key(tmp_path, cls, size, says):
+    with pytest.raises(UserError, match="config key 'size'") as info:
+        load_config(cls, write_config(tmp_path / "c.json", {"size": size}))
+    assert says in str(info.value)
+
+
+def test_each_config_names_its_size_and_repeats_none_of_its_keys():
+    """A size is written once, beside its Arch: a config that picks it holds only what differs."""
+    import glob
+    import os
+
+    from omni.config import size_values
+    from omni.registry import STAGES
+    from omni.stages import stage_class
+    letters = {os.path.basename(s.config).rsplit("_", 1)[0]: s.letter for s in STAGES.values()}
+    checked = 0
+    for path in glob.glob(f"{ROOT}/configs/*_*.json"):
+        name, size = os.path.basename(path)[:-len(".json")].rsplit("_", 1)
+        if name not in letters or letters[name] == "E":     # E builds its model from A, B and C: no size
+            continue
+        with open(path) as f:
+            keys = json.load(f)
+        assert keys["size"] == size, path
+        assert not keys.keys() & size_values(stage_class(letters[name]).config_class, size).keys(), path
+        checked += 1
+    assert checked == 9
