@@ -1,6 +1,6 @@
 """What a resumed run does with a config key whose value differs from the checkpoint's config.
 
-Every TrainConfig key is in exactly one of three classes (tests/test_faults.py fails on a new
+Every TrainConfig key is in exactly one of three classes (tests/system/test_faults.py fails on a new
 key that is in none):
   SCHEDULE  applied: the lr, weight decay, AdamW settings and warmup-cosine schedule are rebuilt
             from the new config at the resumed step (the restored optimizer and scheduler state

@@ -11,16 +11,16 @@ from PIL import Image
 
 from omni.config import TrainConfig, build_config
 from omni.data.audio import AudioTextDataset, audio_frames, spec_augment
-from omni.features import MelSpec
 from omni.data.common import DataError
-from omni.layers import pad_stack
 from omni.data.image import ImageCaptionDataset
 from omni.data.manifest import read_manifest
 from omni.data.sampler import sample_generator
 from omni.data.sft import SFTDataset, read_sft_manifest
-from omni.train.stage import SkipBadSamples, Stage
+from omni.features import MelSpec
+from omni.layers import pad_stack
 from omni.registry import StageSpec
 from omni.train.loop import train
+from omni.train.stage import SkipBadSamples, Stage
 
 
 @pytest.fixture
@@ -102,6 +102,26 @@ def test_images_decode_resize_and_shift_deterministically(media):
     assert torch.allclose(a["image"][0], torch.ones(64, 64)) and torch.allclose(a["image"][2], -torch.ones(64, 64))
     assert torch.equal(a["image"], ds[(0, 3)]["image"])
     assert ds[(1, 0)] is None
+
+
+def test_hue_turns_colours_and_drops_the_colour_words_it_falsifies(media):
+    grey = np.full((64, 64, 3), 128, np.uint8)
+    grey[20:40, 20:40] = (220, 30, 30)
+    Image.fromarray(grey).save(media / "grey.png")
+    records = read_manifest(write_lines(media / "cap.jsonl", [{"image": "grey.png", "caption": "a big Red square."}]),
+                            ["image", "caption"])
+    plain = ImageCaptionDataset(records, augment=False, hue_share=1.0, colour_words=["red"])[(0, 0)]
+    assert plain["caption"] == "a big Red square."      # evaluation data is never turned
+    turned = ImageCaptionDataset(records, augment=True, hue_share=1.0, colour_words=["red"], seed=2)
+    samples = [turned[(0, epoch)] for epoch in range(4)]
+    assert all(s["caption"] == "a big square." for s in samples)
+    for s in samples:    # the grey stays grey, the square keeps its place, its colour moves
+        assert torch.allclose(s["image"][:, 0, 0], plain["image"][:, 0, 0], atol=1e-2)
+        assert not torch.allclose(s["image"][:, 30, 30], plain["image"][:, 30, 30], atol=0.05)
+    assert torch.equal(samples[0]["image"], turned[(0, 0)]["image"])
+    assert not torch.equal(samples[0]["image"], samples[1]["image"])
+    kept = ImageCaptionDataset(records, augment=True, hue_share=0.0, colour_words=["red"], seed=2)[(0, 0)]
+    assert kept["caption"] == "a big Red square." and torch.equal(kept["image"], plain["image"])
 
 
 def test_spec_augment_depends_only_on_the_generator():

@@ -1,7 +1,7 @@
 """The CUDA paths of every stage: fp16 autocast with its GradScaler and bf16 autocast train (finite
 losses, the scaler's state saved with fp16 only), and a run killed mid-way on the GPU resumes
 bit-identical to one never interrupted, scaler included. Skipped where no CUDA device is present,
-as on CI; on a GPU: `python -m pytest tests/test_cuda.py` (docs/gpu_recipes.md: one H100's run)."""
+as on CI; on a GPU: `python -m pytest tests/system/test_cuda.py` (docs/gpu_recipes.md: one H100's run)."""
 import json
 import math
 import os

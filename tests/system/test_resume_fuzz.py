@@ -6,7 +6,7 @@ is gone; every run that reaches its end has weights and optimizer bit-identical 
 uninterrupted run. The instants come from OMNI_FUZZ_SEED (printed; set it to replay a failure);
 OMNI_FUZZ_KILLS changes their number.
 
-The driver (`python tests/test_resume_fuzz.py PLAN REPORT`) imports torch and the stage once and
+The driver (`python tests/system/test_resume_fuzz.py PLAN REPORT`) imports torch and the stage once and
 forks every trainer run (stage_runner.run_forked): a fresh interpreter per kill would spend most
 of the test importing.
 """
@@ -17,7 +17,13 @@ import sys
 import time
 
 import pytest
-from test_resume import (  # noqa: F401
+
+# Run as a script (the driver), this file finds conftest.py and stage_runner.py in tests/ and the test
+# modules test_resume imports in tests/*/ only with these on sys.path (pytest: pyproject.toml's pythonpath).
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [TESTS] + [os.path.join(TESTS, d) for d in ("train", "data", "stages", "system", "serve")]
+
+from test_resume import (  # noqa: E402, F401
     audio_stage_config,
     omni_stage_config,
     stage_case,
@@ -27,8 +33,8 @@ from test_resume import (  # noqa: F401
     vocoder_stage_config,
 )
 
-from conftest import ROOT, assert_same_state, load_pt, run_script
-from omni.registry import STAGES
+from conftest import assert_same_state, load_pt, run_script  # noqa: E402
+from omni.registry import STAGES  # noqa: E402
 
 KILLS = int(os.environ.get("OMNI_FUZZ_KILLS", "20"))
 
@@ -96,7 +102,7 @@ def test_random_sigkills_lose_nothing_and_end_bit_identical(stage, tmp_path, req
             "kills": KILLS, "eval_step": cfg["eval_interval"]}
     with open(tmp_path / "plan.json", "w") as f:
         json.dump(plan, f)
-    proc = run_script("tests/test_resume_fuzz.py", str(tmp_path / "plan.json"), str(tmp_path / "report.json"),
+    proc = run_script("tests/system/test_resume_fuzz.py", str(tmp_path / "plan.json"), str(tmp_path / "report.json"),
                       env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, f"seed {seed}: {proc.stdout[-2000:]}{proc.stderr[-3000:]}"
     report = json.load(open(tmp_path / "report.json"))
@@ -116,7 +122,6 @@ def test_random_sigkills_lose_nothing_and_end_bit_identical(stage, tmp_path, req
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     with open(sys.argv[1]) as f:
         result = drive(json.load(f))
     with open(sys.argv[2], "w") as f:

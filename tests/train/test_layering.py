@@ -5,6 +5,7 @@
 - on floor 3 the models and the data code are siblings: neither imports the other;
 - the import graph has no cycle;
 - an `omni` import inside a function is one of the OPTIONAL ones, each marked `# optional: why`.
+- every module of omni/ is imported by at least one test (docs/design.md, "Tests").
 """
 import ast
 import os
@@ -149,3 +150,20 @@ def test_the_design_doc_shows_the_same_floors():
         for p in patterns:
             name = p[:-2].replace(".", "/") + "/" if p.endswith(".*") else p.replace(".", "/") + ".py"
             assert name in doc, f"docs/design.md does not place {name} on a floor"
+
+
+def test_every_module_of_omni_is_imported_by_a_test():
+    """Imported by name (`import omni.x`, `from omni.x import y`, `from omni import x`), or as the
+    package of a module so imported."""
+    imported = set()
+    for top, _, names in os.walk(os.path.join(ROOT, "tests")):
+        for name in names:
+            if name.endswith(".py"):
+                for node in ast.walk(ast.parse(open(os.path.join(top, name), encoding="utf-8").read())):
+                    if isinstance(node, ast.Import):
+                        imported.update(a.name for a in node.names)
+                    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                        imported.update([node.module] + [f"{node.module}.{a.name}" for a in node.names])
+    covered = {".".join(name.split(".")[:i]) for name in imported for i in range(1, name.count(".") + 2)}
+    missing = sorted(m for m in MODULES if m.startswith("omni") and m not in covered)
+    assert not missing, f"imported by no test (import it where its behaviour is tested): {missing}"

@@ -8,11 +8,16 @@ import torch
 
 from conftest import load_pt, run_script, write_config
 from omni.config import UserError
-from omni.metrics import (fit_linear_probe, parse_probe_groups, retrieval_accuracy, retrieval_hits,
-                          single_option, swap_probes)
-from omni.vision import (CLS, LOG_SCALE_MAX, PAD, UNK, CLIP, CaptionTokenizer, ViT, VisionArch, build_vocab,
-                         info_nce)
 from omni.loading import load_clip, load_vision_encoder
+from omni.metrics import (
+    fit_linear_probe,
+    parse_probe_groups,
+    retrieval_accuracy,
+    retrieval_hits,
+    single_option,
+    swap_probes,
+)
+from omni.vision import CLIP, CLS, LOG_SCALE_MAX, PAD, UNK, CaptionTokenizer, VisionArch, ViT, build_vocab, info_nce
 
 WEIGHT_KEYS = ["vit", "img_proj", "text_proj", "text_embed"]
 
@@ -122,7 +127,7 @@ def trained_dir(tmp_path_factory, demo_tiny):
     folder = tmp_path_factory.mktemp("vision")
     probes = ["shape=circle|square|triangle|star|diamond", "colour=red|green|blue|yellow|purple|orange"]
     cfg = vision_config(demo_tiny, folder / "run", max_steps=6, eval_interval=6, checkpoint_freq=6, decoder_layers=1,
-                        probe_groups=probes, probe_images=6)
+                        probe_groups=probes, probe_images=6, hue_share=0.5, colour_words=["red", "blue"])
     run_script("train_vision.py", "--config", write_config(folder / "cfg.json", cfg), check=True)
     return str(folder / "run")
 
@@ -158,6 +163,12 @@ def test_the_stems_batchnorm_statistics_are_trained_and_saved(trained_dir):
     variances = [k for k in vit if k.startswith("patch.") and k.endswith("running_var")]
     assert len(variances) == 5     # one BatchNorm after each 3x3 convolution of the stem
     assert all(not torch.allclose(vit[k], torch.ones_like(vit[k])) for k in variances)
+
+
+def test_hue_turns_need_the_colour_words_they_falsify(demo_tiny, tmp_path):
+    cfg = vision_config(demo_tiny, tmp_path / "run", hue_share=0.5)
+    proc = run_script("train_vision.py", "--config", write_config(tmp_path / "cfg.json", cfg))
+    assert proc.returncode != 0 and "config key 'colour_words'" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_loader_without_checkpoint_says_how_to_train(tmp_path):
@@ -213,6 +224,7 @@ def test_captioning_learns_to_tell_one_shape_from_another():
     """A decoder that can see the image must learn what a shape-only probe asks; the loss of one
     batch falls and the probe of that batch goes right."""
     from PIL import Image, ImageDraw
+
     from omni.data.image import read_image
 
     def picture(shape, path):

@@ -1,4 +1,5 @@
 """The checkpoint contract: atomic saves, safe loads, fallback past bad files, cleanup, formats."""
+import collections
 import json
 import os
 import pickle
@@ -12,6 +13,7 @@ from omni.config import build_config
 from omni.data.text import TokenWindows
 from omni.runtime import Runtime
 from omni.stages.text import TextConfig, TextStage
+from omni.train import sharded
 from omni.train.loop import ResumeOptions, build_trainer, train
 from omni.train.state import find_resume_checkpoint
 
@@ -181,3 +183,36 @@ def test_parallel_fsdp_on_one_rank_writes_step_folders_whose_index_cannot_run_co
     trainer = build_trainer(TextStage(resumed, Runtime(torch.device("cpu"))), ResumeOptions())
     assert trainer.step == 4 and not os.path.exists(EXPLOIT_MARKER)
 
+
+def test_a_sharded_step_folder_round_trips_and_names_a_truncated_shard(tmp_path):
+    """omni.train.sharded on one process: save_folder writes a committed DCP folder (no temporary
+    left), load_folder fills fresh modules and AdamW bit-identically, check_folder names a shard
+    cut short, and read_index refuses an index naming anything but DCP's own classes."""
+    def model_and_optimizer(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    model, optimizer = model_and_optimizer(0)
+    model(torch.randn(5, 4)).square().sum().backward()
+    optimizer.step()
+    path = str(tmp_path / "m_step_1.dcp")
+    sharded.save_folder(path, model, optimizer, {"step": 1}, Runtime(torch.device("cpu")))
+    assert sorted(os.listdir(tmp_path)) == ["m_step_1.dcp"]
+    extras = sharded.check_folder(path)
+    assert extras["step"] == 1
+    fresh, fresh_optimizer = model_and_optimizer(1)
+    sharded.load_folder(path, fresh, fresh_optimizer, extras)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    for p, q in zip(fresh.parameters(), model.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(fresh_optimizer.state[p][key], optimizer.state[q][key])
+
+    shard = next(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".distcp"))
+    os.truncate(shard, os.path.getsize(shard) - 1)
+    with pytest.raises(ckpt.CheckpointError, match=r"shard file .*\.distcp is missing or truncated"):
+        sharded.check_folder(path)
+    with open(os.path.join(path, sharded.METADATA_FILE), "wb") as f:
+        pickle.dump(collections.Counter(), f)
+    with pytest.raises(ckpt.CheckpointError, match="refused: the index names collections.Counter"):
+        sharded.read_index(path)

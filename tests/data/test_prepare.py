@@ -16,7 +16,7 @@ from test_vision import vision_config
 
 from conftest import ROOT, run_script, thinker_config, tree_bytes, write_config
 from omni.config import load_config
-from omni.data import prepare
+from omni.data import layouts, prepare
 from omni.data.manifest import read_manifest
 from omni.stages.audio_enc import AudioEncConfig
 
@@ -214,6 +214,25 @@ def test_hash_split_is_stable_and_near_the_fractions():
     assert prepare.assign_split(item("spk-1", ("x",), "test"), {"test"}, 0.5, 0.5) == "test"
     assert {prepare.assign_split(item(i, ("x",), "train"), {"train", "val", "test"}, 0.4, 0.4)
             for i in ids[:200]} == {"train"}
+
+
+def test_layouts_read_split_names_and_listings_without_touching_the_media(tmp_path):
+    """omni.data.layouts on its own: split_of reads the split a file or folder name gives, and a
+    reader turns a listing into Items in order, a bad line an Item with its problem, and opens no
+    clip (checking the media is prepare's job: wavs/ here is empty)."""
+    names = ["train-clean-100", "dev.tsv", "val2017", "validation", "test", "testing", "trainer", "readme.md"]
+    assert [layouts.split_of(n) for n in names] == ["train", "val", "val", "val", "test", None, None, None]
+    src = tmp_path / "LJ"
+    put(src / "metadata.csv", "LJ001|Dr. Smith, 1 cat|doctor smith one cat\nLJ002|raw only|\n\nLJ003\n")
+    os.makedirs(src / "wavs")
+    source = layouts.ljspeech(str(src), str(tmp_path / "out"), None)
+    items = list(source.items)
+    assert source.outputs == ("tts", "asr") and source.total == 3
+    assert [(i.id, i.texts) for i in items] == [("LJ001", ("doctor smith one cat",)), ("LJ002", ("raw only",)),
+                                                ("LJ003", ("",))]
+    assert items[0].audio == str(src / "wavs" / "LJ001.wav") and items[0].problem is None
+    assert items[2].problem == f"{src / 'metadata.csv'} line 4: expected 'ID|raw text|normalized text'"
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- LJSpeech, Common Voice

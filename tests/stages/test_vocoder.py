@@ -2,6 +2,7 @@
 context_frames equal to whole synthesis, a few training steps that resume bit-exactly after a kill,
 load_speaker's choice of vocoder, and one-line errors for its config keys."""
 import dataclasses
+import math
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from test_talker import trained_talker  # noqa: F401 (fixture)
 
 from conftest import assert_same_state, load_pt, run_script, write_config
 from omni.loading import load_speaker, load_vocoder
+from omni.stages.vocoder import anti_wrap, phase_loss, stft, stft_loss
 from omni.vocoder import GriffinLimVocoder, NeuralVocoder, VocoderArch
 
 TINY = VocoderArch(vocoder_dim=16, vocoder_layers=2, vocoder_ffn=32)
@@ -47,6 +49,23 @@ def test_every_vocoder_returns_t_minus_one_hops_of_samples():
         assert wave.shape == (36 * vocoder.hop,) and wave.dtype == torch.float32 and wave.device.type == "cpu"
         assert torch.isfinite(wave).all()
         assert vocoder.sample_rate == 16000 and vocoder.mel_to_wave(mel[:1]).numel() == 0
+
+
+def test_stage_f_losses_are_zero_on_the_target_and_leave_the_absolute_phase_free():
+    """omni.stages.vocoder's losses: the STFT loss is zero on the target and log 2 + 1 on a copy twice
+    as loud (log-magnitude L1 + spectral convergence); the phase loss ignores a constant turn of the
+    phase, which the mel does not fix, but not a random phase; anti_wrap drops the 2 pi jumps."""
+    assert torch.allclose(anti_wrap(torch.tensor([2 * math.pi + 0.5, -0.5, 5 * math.pi - 0.25])),
+                          torch.tensor([0.5, 0.5, math.pi - 0.25]), atol=1e-5)
+    torch.manual_seed(0)
+    target = torch.randn(2, 4000) * 0.1
+    assert stft_loss(target, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert stft_loss(2 * target, target).item() == pytest.approx(1 + math.log(2), abs=0.01)
+    spec = stft(target, 256, 64)
+    assert phase_loss(spec, spec).item() == pytest.approx(0.0, abs=1e-6)
+    assert phase_loss(spec * torch.polar(torch.ones(()), torch.tensor(2.0)), spec).item() < 1e-3
+    scrambled = torch.polar(spec.abs(), torch.rand(spec.shape) * 2 * math.pi)
+    assert phase_loss(scrambled, spec).item() > 1.0
 
 
 @pytest.mark.parametrize("cycle, refine, context", [(1, 0, 3 * 3 + 2), (2, 0, 3 * (1 + 1 + 2) + 2),

@@ -5,7 +5,7 @@ run with one line naming the steps, and the count survives a resume.
 Run as a script, this file is a trainer runner with non-finite values injected (the trainers have no
 such hooks), on top of tests/stage_runner.py's faults:
 
-    python tests/test_divergence.py train_text.py --config ... [--set ...]
+    python tests/system/test_divergence.py train_text.py --config ... [--set ...]
 
   OMNI_TEST_NAN_LOSS=STEPS     the loss of these steps is NaN (and so are their gradients)
   OMNI_TEST_NAN_GRAD=STEPS     the loss of these steps is finite, their gradients NaN
@@ -20,8 +20,8 @@ import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # conftest.py and stage_runner.py
+sys.path.insert(0, TESTS)
 
 from conftest import assert_same_state, load_pt, run_script, thinker_config, write_config  # noqa: E402
 
@@ -83,7 +83,7 @@ def train(corpus, tmp_path, name, env=None, *sets, **overrides):
     cfg = thinker_config(corpus, tmp_path / name, **overrides)
     path = write_config(tmp_path / f"{name}.json", cfg)
     args = ["--config", path] + [a for s in sets for a in ("--set", s)]
-    return run_script("tests/test_divergence.py", "train_text.py", *args, env=env or {})
+    return run_script("tests/system/test_divergence.py", "train_text.py", *args, env=env or {})
 
 
 def error_line(proc) -> str:
