@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.functional import pil_to_tensor
+from torchvision.transforms.functional import adjust_hue, pil_to_tensor
 
 from omni.data.manifest import ManifestDataset, SampleError, media_file
 
@@ -74,8 +74,8 @@ def read_image(path: str, size: int, resize: str = "squash", max_pixels: int = M
 
 
 def shift_image(img: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
-    """Translate by up to max_shift pixels, filling with the border colour. No flips or colour
-    changes: captions speak of left/right and of colours, which those would falsify."""
+    """Translate by up to max_shift pixels, filling with the border colour. No flips: captions
+    speak of left and right, which a flip would falsify."""
     if max_shift <= 0:
         return img
     dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=generator))
@@ -84,13 +84,28 @@ def shift_image(img: torch.Tensor, generator: torch.Generator, max_shift: int) -
     return padded[:, max_shift + dy:max_shift + dy + h, max_shift + dx:max_shift + dx + w]
 
 
+def rotate_hue(img: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The whole image's hues turned by a uniformly drawn angle (greys stay grey, shapes and
+    brightness stay): a model that must name shapes in any colour cannot tie a shape to its colour."""
+    turn = float(torch.rand((), generator=generator)) - 0.5      # adjust_hue's range: [-0.5, 0.5] of a turn
+    return adjust_hue((img + 1) / 2, turn) * 2 - 1
+
+
+def without_words(caption: str, words: frozenset[str]) -> str:
+    """The caption with the given words (lower case, whole words) left out."""
+    return " ".join(w for w in caption.split() if w.lower().strip(".,;:!?") not in words)
+
+
 class ImageCaptionDataset(ManifestDataset):
-    """{"image": [3, S, S], "caption": str} per record of an image-caption manifest."""
+    """{"image": [3, S, S], "caption": str} per record of an image-caption manifest. Training
+    samples (a generator given) are shifted by up to max_shift pixels, and a share hue_share of them
+    have their hues turned, with the caption's colour_words, which the turn falsifies, left out."""
 
     def __init__(self, records, image_size: int = 64, max_shift: int = 0, resize: str = "squash",
-                 max_pixels: int = MAX_IMAGE_PIXELS, **kw):
+                 max_pixels: int = MAX_IMAGE_PIXELS, hue_share: float = 0.0, colour_words=(), **kw):
         super().__init__(records, **kw)
         self.image_size, self.max_shift, self.resize, self.max_pixels = image_size, max_shift, resize, max_pixels
+        self.hue_share, self.colour_words = hue_share, frozenset(w.lower() for w in colour_words)
 
     def load(self, record, generator):
         caption = str(record["caption"]).strip()
@@ -99,4 +114,6 @@ class ImageCaptionDataset(ManifestDataset):
         img = read_image(record["image"], self.image_size, self.resize, self.max_pixels)
         if generator is not None:
             img = shift_image(img, generator, self.max_shift)
+            if self.hue_share and float(torch.rand((), generator=generator)) < self.hue_share:
+                img, caption = rotate_hue(img, generator), without_words(caption, self.colour_words)
         return {"image": img, "caption": caption}

@@ -5,13 +5,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from omni.config import TrainConfig
+from omni.config import TrainConfig, UserError, choice, fraction, positive
 from omni.data.common import require_files
-from omni.config import choice, positive
 from omni.data.image import MAX_IMAGE_PIXELS, RESIZE_MODES, ImageCaptionDataset
 from omni.data.manifest import read_manifest
-from omni.metrics import fit_linear_probe, parse_probe_groups, retrieval_hits, single_option, swap_probes
 from omni.logs import log
+from omni.metrics import fit_linear_probe, parse_probe_groups, retrieval_hits, single_option, swap_probes
 from omni.registry import STAGES
 from omni.train.stage import Stage, make_loader, to_device
 from omni.vision import CLIP, VisionArch, build_vocab, caption_words, info_nce
@@ -25,6 +24,10 @@ class VisionConfig(TrainConfig, VisionArch):
     image_column: str = "image"        # manifest column names
     caption_column: str = "caption"
     max_shift: int = 4                 # training shift augmentation in pixels (no flips)
+    # A share of the training images has its hues turned by a random angle, and their captions lose
+    # colour_words, which the turn falsifies: shapes must then be named in colours they never had.
+    hue_share: float = fraction(0.0)
+    colour_words: list[str] = field(default_factory=list)
     image_resize: str = choice(*RESIZE_MODES)   # how any image becomes image_size square (omni/data/image.py)
     # larger images (width x height, from the header) are bad samples, never decoded (omni/data/image.py)
     max_image_pixels: int = positive(MAX_IMAGE_PIXELS)
@@ -36,6 +39,12 @@ class VisionConfig(TrainConfig, VisionArch):
     probe_groups: list[str] = field(default_factory=list)
     probe_images: int = 200            # images of each split probed (the first ones; 0 = all)
     save_dir: str = "checkpoints/vision_tiny"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.hue_share > 0 and not self.colour_words:
+            raise UserError("config key 'colour_words': empty while hue_share > 0; the turned images' "
+                            "captions would keep colour words that are no longer true")
 
 
 class VisionStage(Stage):
@@ -65,12 +74,13 @@ class VisionStage(Stage):
         return read_manifest(path, ["image", "caption"], columns)
 
     def dataset(self, records, train: bool = False) -> ImageCaptionDataset:
-        """Training data is augmented (shifted), evaluation data never."""
+        """Training data is augmented (shifted, hues turned), evaluation data never."""
         cfg = self.cfg
         shift = cfg.max_shift if train else 0
         return ImageCaptionDataset(records, image_size=cfg.image_size, max_shift=shift, resize=cfg.image_resize,
-                                   max_pixels=cfg.max_image_pixels, seed=cfg.seed, strict=cfg.strict_data,
-                                   augment=shift > 0)
+                                   max_pixels=cfg.max_image_pixels, hue_share=cfg.hue_share if train else 0.0,
+                                   colour_words=cfg.colour_words, seed=cfg.seed, strict=cfg.strict_data,
+                                   augment=train and (shift > 0 or cfg.hue_share > 0))
 
     def collate(self, samples):
         captions = [s["caption"] for s in samples]
